@@ -1,0 +1,37 @@
+# The two commands of the README:
+#   make repro   set up .venv, then run the whole pipeline (default profile) with DVC
+#   make test    set up .venv, then run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+# DVC stages call papermill; the kernel `geneava` runs the venv's Python.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup repro test lab lint
+
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "geneava needs Python 3.11 (set PYTHON=...)"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -r requirements.txt
+	$(BIN)/python -m pip install --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name geneava --display-name "Python 3 (geneava)"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+repro: setup
+	$(BIN)/python -m geneava.config > /dev/null
+	$(BIN)/python -m geneava.standin --ensure data
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+test: setup
+	$(BIN)/python -m pytest
+
+lab: setup
+	$(BIN)/jupyter lab notebooks
+
+lint: setup
+	$(BIN)/ruff check geneava tests benchmarks
+	$(BIN)/ruff format --check geneava tests benchmarks
