@@ -1,0 +1,257 @@
+"""Parameters: params.yaml is the one source; this module finds it, picks the profile, validates it.
+
+params.yaml is grouped by stage, and every stage section holds one block per profile:
+
+    profile: default
+    finetune:
+      default: {...}
+      paper: {...}
+
+A stage reads `<stage>.<profile>` and DVC tracks exactly that section, so editing one stage's
+values reruns only that stage and what comes after it. Everything is validated up front, before
+any model is built, and a bad value fails with the dotted key that holds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILES = ("default", "paper")
+STAGES = ("models", "prompts", "prepare", "finetune", "generate")
+PARAMS_FILE = "params.yaml"
+
+
+class ParamsError(ValueError):
+    """A value in params.yaml is missing, of the wrong type or out of range."""
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The folder holding params.yaml and dvc.yaml.
+
+    GENEAVA_ROOT wins; otherwise search upwards from `start` (default: the working directory), so
+    papermill runs from the root and JupyterLab sessions in notebooks/ both find it.
+    """
+    if env := os.environ.get("GENEAVA_ROOT"):
+        return Path(env).resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PARAMS_FILE).is_file() and (folder / "dvc.yaml").is_file():
+            return folder
+    raise FileNotFoundError(
+        f"no params.yaml + dvc.yaml found in {here} or above; run from the geneava checkout "
+        "or set GENEAVA_ROOT"
+    )
+
+
+# ---------------------------------------------------------------- validators
+# Each validator takes (key, value) and returns the value (possibly normalised) or raises.
+
+
+def _fail(key: str, value: Any, expected: str) -> None:
+    raise ParamsError(f"params.yaml: {key} = {value!r} is invalid: expected {expected}")
+
+
+def integer(lo: int | None = None, hi: int | None = None, optional: bool = False) -> Callable:
+    def check(key: str, v: Any) -> Any:
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            _fail(key, v, "an integer" + (" or null" if optional else ""))
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            _fail(key, v, f"an integer in [{lo}, {hi if hi is not None else '∞'}]")
+        return v
+
+    return check
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Callable:
+    def check(key: str, v: Any) -> Any:
+        # YAML 1.1 reads "1e-6" as a string; accept numeric strings, reject anything else.
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                _fail(key, v, "a number")
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            _fail(key, v, "a number")
+        v = float(v)
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            _fail(key, v, f"a number {'>' if lo_open else '>='} {lo}")
+        if hi is not None and v > hi:
+            _fail(key, v, f"a number <= {hi}")
+        return v
+
+    return check
+
+
+def text(choices: tuple[str, ...] | None = None, contains: tuple[str, ...] = ()) -> Callable:
+    def check(key: str, v: Any) -> Any:
+        if not isinstance(v, str) or not v.strip():
+            _fail(key, v, "a non-empty string")
+        if choices is not None and v not in choices:
+            _fail(key, v, f"one of {', '.join(choices)}")
+        for field in contains:
+            if "{" + field + "}" not in v:
+                _fail(key, v, f"a template containing {{{field}}}")
+        return v
+
+    return check
+
+
+def boolean(key: str, v: Any) -> Any:
+    if not isinstance(v, bool):
+        _fail(key, v, "true or false")
+    return v
+
+
+def text_list(min_len: int = 1) -> Callable:
+    def check(key: str, v: Any) -> Any:
+        if not isinstance(v, list) or len(v) < min_len or not all(isinstance(x, str) and x for x in v):
+            _fail(key, v, f"a list of at least {min_len} non-empty strings")
+        if len(set(v)) != len(v):
+            _fail(key, v, "a list without duplicates")
+        return v
+
+    return check
+
+
+def text_map(key: str, v: Any) -> Any:
+    if not isinstance(v, dict) or not v or not all(isinstance(x, str) and x for x in v.values()):
+        _fail(key, v, "a mapping of names to non-empty strings")
+    return v
+
+
+SCHEMA: dict[str, dict[str, Callable]] = {
+    "models": {
+        # "tiny": a seeded, randomly initialised SDXL of the real architecture, built from config.
+        # Anything else: a hub id or a local folder in diffusers layout.
+        "sdxl": text(),
+        "seed": integer(0),
+        "dtype": text(("float32", "float16", "bfloat16")),
+        "local_files_only": boolean,
+    },
+    "prompts": {
+        "template": text(contains=("article", "age", "race", "person", "expression")),
+        "negative": text(),
+        "caption": text(contains=("expression",)),
+        "races": text_list(1),
+        "genders": text_map,
+        "ages": text_list(1),
+    },
+    "prepare": {
+        "source": text(),
+        "seed": integer(0),
+        "finetune_per_class": integer(1),
+        "eval_per_class": integer(1),
+        "classes": integer(1, 135, optional=True),
+        "resolution": integer(8),
+    },
+    "finetune": {
+        "seed": integer(0),
+        "rank": integer(1, 256),
+        "lr": number(0.0, 1.0, lo_open=True),
+        "epochs": integer(1),
+        "batch_size": integer(1),
+        "gradient_accumulation_steps": integer(1),
+        "adam_beta1": number(0.0, 1.0),
+        "adam_beta2": number(0.0, 1.0),
+        "weight_decay": number(0.0),
+        "alpha": number(0.0),
+        "mixed_precision": text(("no", "fp16", "bf16")),
+        "gradient_checkpointing": boolean,
+        "max_train_steps": integer(1, optional=True),
+    },
+    "generate": {
+        "seed": integer(0),
+        "steps": integer(1),
+        "guidance_scale": number(0.0),
+        "resolution": integer(8),
+        "batch_size": integer(1),
+        "limit": integer(1, optional=True),
+    },
+}
+
+
+def validate(params: dict) -> dict:
+    """Check every stage section of every profile; return the params with normalised values."""
+    if not isinstance(params, dict):
+        raise ParamsError("params.yaml must be a mapping of sections")
+    profile = params.get("profile")
+    if profile not in PROFILES:
+        _fail("profile", profile, f"one of {', '.join(PROFILES)}")
+    out = dict(params)
+    for stage, fields in SCHEMA.items():
+        section = params.get(stage)
+        if not isinstance(section, dict):
+            raise ParamsError(f"params.yaml: section '{stage}' is missing or not a mapping")
+        out[stage] = {}
+        for prof in PROFILES:
+            block = section.get(prof)
+            if not isinstance(block, dict):
+                raise ParamsError(f"params.yaml: {stage}.{prof} is missing or not a mapping")
+            unknown = sorted(set(block) - set(fields))
+            if unknown:
+                raise ParamsError(
+                    f"params.yaml: unknown key {stage}.{prof}.{unknown[0]} "
+                    f"(known: {', '.join(sorted(fields))})"
+                )
+            checked = {}
+            for name, check in fields.items():
+                key = f"{stage}.{prof}.{name}"
+                if name not in block:
+                    raise ParamsError(f"params.yaml: {key} is missing")
+                checked[name] = check(key, block[name])
+            out[stage][prof] = checked
+    return out
+
+
+def load_params(path: Path | None = None) -> dict:
+    """Read and validate the whole params file."""
+    path = Path(path) if path else project_root() / PARAMS_FILE
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from e
+    return validate(raw)
+
+
+def stage_params(stage: str, profile: str | None = None, path: Path | None = None) -> dict:
+    """The validated parameters of one stage for one profile (default: the file's `profile`).
+
+    The whole file is validated first, so a bad value anywhere fails before a model is built.
+    """
+    if stage not in SCHEMA:
+        raise KeyError(f"unknown stage '{stage}' (known: {', '.join(SCHEMA)})")
+    params = load_params(path)
+    profile = profile or params["profile"]
+    if profile not in PROFILES:
+        _fail("profile", profile, f"one of {', '.join(PROFILES)}")
+    return dict(params[stage][profile])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Validate params.yaml and print the active profile.")
+    parser.add_argument("--params", type=Path, default=None)
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except (ParamsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prof = params["profile"]
+    active = {stage: params[stage][prof] for stage in SCHEMA}
+    print(f"params.yaml is valid; profile = {prof}")
+    print(json.dumps(active, indent=1, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
