@@ -1,0 +1,49 @@
+"""Shared fixtures: the repo's own params, a stand-in dataset, a prepared split, a trained LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from geneava import config, data, finetune, standin
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def params() -> dict:
+    return config.load_params(ROOT / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def default(params) -> dict:
+    """Each section's `default` profile block."""
+    return {stage: params[stage]["default"] for stage in config.SCHEMA}
+
+
+@pytest.fixture(scope="session")
+def standin_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("standin")
+    standin.write_standin(root, per_class=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, standin_root, default) -> Path:
+    """A prepared split (1 fine-tuning + 2 evaluation per class) of the first 12 classes."""
+    out = tmp_path_factory.mktemp("prepare")
+    p = dict(default["prepare"], source=str(standin_root / "emo135"), classes=12)
+    data.prepare(p, out, standin_root)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, prepared, default) -> Path:
+    """A LoRA trained for a few steps on the prepared split."""
+    out = tmp_path_factory.mktemp("finetune")
+    p = dict(default["finetune"], max_train_steps=4)
+    finetune.finetune(
+        default["models"], default["prompts"], p, prepared, out, default["prepare"]["resolution"]
+    )
+    return out

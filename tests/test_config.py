@@ -1,0 +1,122 @@
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from geneava import config
+from geneava.config import ParamsError
+
+from .conftest import ROOT
+
+
+def test_repo_params_validate(params):
+    assert params["profile"] in config.PROFILES
+    for stage in config.SCHEMA:
+        assert set(params[stage]) >= set(config.PROFILES)
+
+
+def test_paper_profile_holds_the_papers_settings(params):
+    """shared PAPER.md: SDXL base 1.0, LoRA rank 4, lr 1e-6, 8 epochs, batch 1, Adam (0.9, 0.999),
+    wd 1e-2, α 1.0, 8/class fine-tuning, 50/class evaluation, 7 x 2 x 7 = 98 prompts per expression."""
+    ft = params["finetune"]["paper"]
+    assert params["models"]["paper"]["sdxl"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert (ft["rank"], ft["lr"], ft["epochs"], ft["batch_size"]) == (4, 1e-6, 8, 1)
+    assert (ft["adam_beta1"], ft["adam_beta2"], ft["weight_decay"], ft["alpha"]) == (0.9, 0.999, 1e-2, 1.0)
+    prep = params["prepare"]["paper"]
+    assert (prep["finetune_per_class"], prep["eval_per_class"], prep["resolution"]) == (8, 50, 1024)
+    pr = params["prompts"]["paper"]
+    assert pr["races"] == [
+        "White",
+        "Black",
+        "Indian",
+        "East Asian",
+        "Southeast Asian",
+        "Middle Eastern",
+        "Latino",
+    ]
+    assert len(pr["genders"]) * len(pr["ages"]) * len(pr["races"]) == 98
+    assert params["generate"]["paper"]["limit"] is None
+    assert params["generate"]["paper"]["resolution"] == 1024
+
+
+def _raw():
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    "path, value, key",
+    [
+        (("profile",), "fast", "profile"),
+        (("finetune", "default", "lr"), -1.0, "finetune.default.lr"),
+        (("finetune", "paper", "rank"), "four", "finetune.paper.rank"),
+        (("finetune", "default", "epochs"), 1.5, "finetune.default.epochs"),
+        (("finetune", "default", "mixed_precision"), "fp8", "finetune.default.mixed_precision"),
+        (("generate", "default", "steps"), 0, "generate.default.steps"),
+        (("generate", "default", "limit"), True, "generate.default.limit"),
+        (("prepare", "paper", "classes"), 500, "prepare.paper.classes"),
+        (("prompts", "default", "template"), "A face of {age}", "prompts.default.template"),
+        (("prompts", "default", "races"), ["White", "White"], "prompts.default.races"),
+        (("models", "default", "dtype"), "float8", "models.default.dtype"),
+        (("finetune", "default", "lr"), "fast", "finetune.default.lr"),
+    ],
+)
+def test_bad_value_names_its_key(path, value, key):
+    raw = _raw()
+    node = raw
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    with pytest.raises(ParamsError, match=rf"{key}\b"):
+        config.validate(raw)
+
+
+def test_unknown_and_missing_keys_are_named():
+    raw = _raw()
+    raw["finetune"]["default"]["learning_rate"] = 1e-4
+    with pytest.raises(ParamsError, match=r"finetune\.default\.learning_rate"):
+        config.validate(raw)
+    raw = _raw()
+    del raw["generate"]["paper"]["steps"]
+    with pytest.raises(ParamsError, match=r"generate\.paper\.steps is missing"):
+        config.validate(raw)
+    raw = _raw()
+    del raw["prepare"]["paper"]
+    with pytest.raises(ParamsError, match=r"prepare\.paper"):
+        config.validate(raw)
+
+
+def test_numeric_strings_are_read_as_numbers():
+    raw = _raw()
+    raw["finetune"]["default"]["lr"] = "1e-6"  # how YAML 1.1 reads 1e-6 without a dot
+    assert config.validate(raw)["finetune"]["default"]["lr"] == 1e-6
+
+
+def test_stage_params_picks_the_profile(tmp_path):
+    raw = _raw()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert config.stage_params("finetune", "paper", tmp_path / "params.yaml")["lr"] == 1e-6
+    raw2 = copy.deepcopy(raw)
+    raw2["profile"] = "paper"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw2))
+    assert config.stage_params("prepare", path=tmp_path / "params.yaml")["eval_per_class"] == 50
+
+
+def test_cli_fails_with_the_key(tmp_path):
+    raw = _raw()
+    raw["generate"]["default"]["guidance_scale"] = -3
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    run = subprocess.run(
+        [sys.executable, "-m", "geneava.config", "--params", str(bad)], capture_output=True, text=True
+    )
+    assert run.returncode == 2
+    assert "generate.default.guidance_scale" in run.stderr
+
+
+def test_project_root_found_from_a_subfolder(monkeypatch):
+    monkeypatch.delenv("GENEAVA_ROOT", raising=False)
+    assert config.project_root(ROOT / "notebooks") == ROOT
+    monkeypatch.setenv("GENEAVA_ROOT", str(ROOT / "tests"))
+    assert config.project_root() == ROOT / "tests"

@@ -1,0 +1,47 @@
+import numpy as np
+import pandas as pd
+
+from geneava import emo135, standin
+
+
+def test_layout_and_attributes(standin_root):
+    folders = sorted(p.name for p in (standin_root / "emo135").iterdir())
+    assert folders == sorted(emo135.names())
+    assert all(len(list((standin_root / "emo135" / f).glob("*.png"))) == 3 for f in folders)
+    attrs = pd.read_csv(standin_root / standin.ATTRIBUTES_FILE)
+    assert len(attrs) == 135 * 3
+    assert all((standin_root / f).is_file() for f in attrs["file"])
+
+
+def test_rendering_is_byte_identical(tmp_path):
+    a = standin.write_standin(tmp_path / "a", per_class=1)
+    b = standin.write_standin(tmp_path / "b", per_class=1)
+    for f in sorted(a.rglob("*.png")):
+        assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
+
+
+def test_classes_have_distinct_expressions():
+    vectors = np.array([standin.class_expression(c) for c in emo135.classes()])
+    assert len(np.unique(vectors.round(3), axis=0)) == 135
+    # the primary category shows: joy smiles more than sadness on average
+    prim = np.array([c.primary for c in emo135.classes()])
+    assert vectors[prim == "joy", 0].mean() > vectors[prim == "sadness", 0].mean() + 0.5
+
+
+def test_expression_changes_the_image():
+    a = standin.sample_attributes(emo135.classes()[0], 0)
+    happy = dict(a, mouth_curve=1.0, mouth_open=0.6)
+    sad = dict(a, mouth_curve=-1.0, mouth_open=0.0)
+    diff = np.abs(np.asarray(standin.render_face(happy), int) - np.asarray(standin.render_face(sad), int))
+    assert diff.sum() > 0
+    # only the lower face differs
+    assert diff[: diff.shape[0] // 2].sum() == 0
+
+
+def test_ensure_never_overwrites(tmp_path):
+    real = tmp_path / "emo135" / "joy"
+    real.mkdir(parents=True)
+    (real / "mine.jpg").write_bytes(b"user data")
+    assert standin.main([str(tmp_path), "--ensure"]) == 0
+    assert sorted(p.name for p in (tmp_path / "emo135").iterdir()) == ["joy"]
+    assert (real / "mine.jpg").read_bytes() == b"user data"
