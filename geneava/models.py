@@ -152,3 +152,15 @@ def sdxl_pipeline(
 def training_scheduler(pipe: StableDiffusionXLPipeline) -> DDPMScheduler:
     """The DDPM noise schedule (ᾱ_t) the model was trained with, from the pipeline's own config."""
     return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def expression_encoder(source: str, seed: int = 0) -> torch.nn.Module:
+    """E_exp, the expression encoder: POSTER from an official checkpoint file, or its tiny twin.
+
+    Returned frozen and in eval mode; `.embed(images in [-1, 1])` gives the 512-d (tiny: 64-d)
+    feature before POSTER's classifier head, differentiable with respect to the images.
+    """
+    from geneava import poster
+
+    model = poster.tiny_poster(seed) if source == "tiny" else poster.from_checkpoint(Path(source))
+    return model.requires_grad_(False).eval()
