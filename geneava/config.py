@@ -134,6 +134,8 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         # "tiny": a seeded, randomly initialised SDXL of the real architecture, built from config.
         # Anything else: a hub id or a local folder in diffusers layout.
         "sdxl": text(),
+        # POSTER: "tiny" or the path of an official checkpoint (.pth/.pth.tar/.safetensors)
+        "expression": text(),
         "seed": integer(0),
         "dtype": text(("float32", "float16", "bfloat16")),
         "local_files_only": boolean,
@@ -168,6 +170,10 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "mixed_precision": text(("no", "fp16", "bf16")),
         "gradient_checkpointing": boolean,
         "max_train_steps": integer(1, optional=True),
+        "checkpoint_every": integer(1, optional=True),
+        "checkpoints_total_limit": integer(1),
+        "resume": boolean,
+        "num_processes": integer(1),
     },
     "generate": {
         "seed": integer(0),
