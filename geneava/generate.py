@@ -131,3 +131,56 @@ def image_grid(manifest: pd.DataFrame, out_dir: Path, columns: int = 4, save_to:
     if save_to:
         fig.savefig(save_to, dpi=120)
     return fig
+
+
+def before_after(
+    model_params: dict,
+    prompt_params: dict,
+    lora_dir: Path,
+    expressions: list[str],
+    resolution: int,
+    steps: int = 20,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    save_to: Path | None = None,
+):
+    """The same prompts and seeds through the base model (top) and with the LoRA (bottom)."""
+    import matplotlib.pyplot as plt
+
+    table = prompts.prompt_table(prompt_params, expressions=expressions, seed=seed)
+    rows = table.groupby("expression", sort=False).head(1).reset_index(drop=True)
+    pipe = models.sdxl_pipeline(
+        model_params["sdxl"],
+        seed=model_params["seed"],
+        dtype=model_params["dtype"],
+        local_files_only=model_params["local_files_only"],
+        corpus=prompts.vocabulary(prompt_params),
+    ).to("cuda" if torch.cuda.is_available() else "cpu")
+    kw = dict(
+        prompt=list(rows["prompt"]),
+        negative_prompt=list(rows["negative_prompt"]),
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        height=resolution,
+        width=resolution,
+    )
+
+    def sample():
+        return pipe(
+            generator=[torch.Generator(pipe.device).manual_seed(int(s)) for s in rows["seed"]], **kw
+        ).images
+
+    base = sample()
+    pipe.load_lora_weights(str(lora_dir))
+    tuned = sample()
+    fig, axes = plt.subplots(2, len(rows), figsize=(2.2 * len(rows), 4.6), squeeze=False)
+    for j, row in enumerate(rows.itertuples()):
+        for i, (img, label) in enumerate(((base[j], "base"), (tuned[j], "fine-tuned"))):
+            axes[i, j].imshow(img)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            axes[i, j].set_title(f"{row.expression} ({label})", fontsize=7)
+    fig.tight_layout()
+    if save_to:
+        fig.savefig(save_to, dpi=120)
+    return fig
