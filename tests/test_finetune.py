@@ -1,51 +1,183 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pandas as pd
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from geneava import finetune, models, prompts
-from geneava.config import ParamsError
+
+from .conftest import ROOT
 
 
-def test_expression_loss_not_silently_ignored(default, prepared, tmp_path):
-    p = dict(default["finetune"], alpha=1.0)
-    with pytest.raises(ParamsError, match="alpha"):
-        finetune.finetune(default["models"], default["prompts"], p, prepared, tmp_path, 64)
+@pytest.fixture(scope="module")
+def parts(default):
+    """A tiny SDXL with LoRA, the tiny POSTER and a batch, for single-step checks."""
+    torch.manual_seed(0)
+    pipe = models.sdxl_pipeline("tiny", seed=0, corpus=prompts.vocabulary(default["prompts"]))
+    finetune.prepare_for_training(pipe, rank=4)
+    for name, p in pipe.unet.named_parameters():  # LoRA-B starts at zero: move it so gradients differ
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    encoder = models.expression_encoder("tiny", 0)
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            ["a face of rage", "a face of delight"], device="cpu", do_classifier_free_guidance=False
+        )
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    return pipe, encoder, models.training_scheduler(pipe), pixels, embeds, pooled
 
 
-def test_saves_only_lora_weights(trained):
-    weights = load_file(trained / "lora" / finetune.LORA_FILE)
-    assert weights and all("lora" in k for k in weights)
-    assert all(k.startswith("unet.") for k in weights)
-    # training moved the LoRA-B matrices away from their zero initialisation
-    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
-    history = pd.read_csv(trained / "loss.csv")
-    assert list(history["step"]) == [1, 2, 3, 4] and history["loss"].notna().all()
+def _step(parts, alpha):
+    pipe, encoder, sched, pixels, embeds, pooled = parts
+    pipe.unet.zero_grad()
+    real = encoder.embed(pixels).detach()
+    losses = finetune.losses_for_batch(
+        pipe.unet,
+        pipe.vae,
+        encoder,
+        sched,
+        pixels,
+        embeds,
+        pooled,
+        real,
+        alpha,
+        64,
+        torch.Generator().manual_seed(3),
+    )
+    losses[0].backward()
+    grads = {n: p.grad.clone() for n, p in pipe.unet.named_parameters() if p.grad is not None}
+    return [x.item() for x in losses], grads
 
 
-def test_training_is_reproducible(default, prepared, tmp_path):
-    p = dict(default["finetune"], max_train_steps=2)
-    a = finetune.finetune(default["models"], default["prompts"], p, prepared, tmp_path / "a", 64)
-    b = finetune.finetune(default["models"], default["prompts"], p, prepared, tmp_path / "b", 64)
-    assert a["loss"].tolist() == b["loss"].tolist()
-    wa, wb = (load_file(tmp_path / x / "lora" / finetune.LORA_FILE) for x in "ab")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+def test_only_lora_gets_gradients_and_alpha_changes_them(parts):
+    (loss0, dm0, exp0), g0 = _step(parts, 0.0)
+    assert loss0 == dm0 and exp0 == 0.0  # α = 0: the plain diffusion loss
+    (loss1, dm1, exp1), g1 = _step(parts, 1.0)
+    assert dm1 == dm0 and exp1 > 0 and loss1 == pytest.approx(dm1 + exp1)
+    assert g0 and set(g0) == set(g1) and all("lora" in n for n in g1)
+    assert all(torch.isfinite(g).all() for g in g1.values())
+    assert any(not torch.allclose(g0[n], g1[n]) for n in g0)  # the expression term reaches the LoRA
 
 
-def test_loaded_lora_changes_generation_and_base_stays_frozen(default, trained):
-    corpus = prompts.vocabulary(default["prompts"])
+def test_no_gradient_reaches_frozen_models(parts):
+    pipe, encoder, *_ = parts
+    _step(parts, 1.0)
+    for module in (pipe.vae, encoder, pipe.text_encoder):
+        assert all(p.grad is None for p in module.parameters())
+
+
+def test_x0_reconstruction_is_exact_with_the_true_noise(parts):
+    sched = parts[2]
+    z0 = torch.randn(4, 4, 8, 8)
+    noise = torch.randn_like(z0)
+    t = torch.tensor([0, 10, 500, 999])
+    z_t = sched.add_noise(z0, noise, t)
+    assert torch.allclose(finetune.predict_z0(z_t, noise, sched.alphas_cumprod, t), z0, atol=1e-3, rtol=1e-4)
+
+
+def test_saved_lora_loads_into_a_fresh_stock_pipeline(parts, default, tmp_path):
+    pipe = parts[0]
     kw = dict(prompt=["a face of rage"], num_inference_steps=2, height=64, width=64, output_type="np")
-    base = models.sdxl_pipeline("tiny", seed=0, corpus=corpus)
-    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
-    plain = base(generator=torch.Generator().manual_seed(0), **kw).images
-    base.load_lora_weights(str(trained / "lora"))
-    tuned = base(generator=torch.Generator().manual_seed(0), **kw).images
-    assert not (plain == tuned).all()
-    # the base weights loaded for generation are the same seeded weights training started from
-    fresh = models.sdxl_pipeline("tiny", seed=0, corpus=corpus).unet.state_dict()
-    assert all(torch.equal(before[k], fresh[k]) for k in fresh)
+    trained = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    finetune.save_lora(pipe.unet, tmp_path)
+    fresh = models.sdxl_pipeline("tiny", seed=0, corpus=prompts.vocabulary(default["prompts"]))
+    plain = fresh(generator=torch.Generator().manual_seed(0), **kw).images
+    fresh.load_lora_weights(str(tmp_path))
+    loaded = fresh(generator=torch.Generator().manual_seed(0), **kw).images
+    assert (loaded == trained).all()
+    assert not (plain == trained).all()
 
 
-def test_time_ids_follow_sdxl_micro_conditioning():
-    ids = finetune.time_ids(64, 3, torch.device("cpu"), torch.float32)
-    assert ids.shape == (3, 6) and ids[0].tolist() == [64, 64, 0, 0, 64, 64]
+def test_saves_lora_and_loss_log(trained):
+    weights = load_file(trained / "lora" / finetune.LORA_FILE)
+    assert weights and all("lora" in k and k.startswith("unet.") for k in weights)
+    history = pd.read_csv(trained / "loss.csv")
+    assert list(history["step"]) == [1, 2, 3, 4]
+    assert (history["loss_exp"] > 0).all()
+    assert history["loss"].tolist() == pytest.approx((history["loss_dm"] + history["loss_exp"]).tolist())
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["processes"] == 1
+
+
+def test_epoch_order_is_seeded_and_sharded():
+    a = finetune.epoch_batches(10, 2, seed=0, epoch=0, rank=0, world=1)
+    assert sorted(i for b in a for i in b) == list(range(10))
+    assert a == finetune.epoch_batches(10, 2, 0, 0, 0, 1) and a != finetune.epoch_batches(10, 2, 0, 1, 0, 1)
+    r0, r1 = (finetune.epoch_batches(10, 2, 0, 0, r, 2) for r in (0, 1))
+    assert len(r0) == len(r1) == 2 and not {i for b in r0 for i in b} & {i for b in r1 for i in b}
+
+
+def _params_file(tmp_path, **finetune_over) -> "os.PathLike":
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["finetune"]["default"].update(finetune_over)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _cli(prepared, out, params_file):
+    return [
+        sys.executable,
+        "-m",
+        "geneava.finetune",
+        "--prepare-dir",
+        str(prepared),
+        "--out-dir",
+        str(out),
+        "--params",
+        str(params_file),
+    ]
+
+
+def test_killed_run_resumes_to_the_same_weights(prepared, tmp_path):
+    """SIGKILL mid-run, resume, and the result equals an uninterrupted run bit for bit (CPU)."""
+    params_file = _params_file(tmp_path, epochs=6, checkpoint_every=4, batch_size=2)  # 36 steps
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cli(prepared, killed, params_file),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list((killed / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list((killed / "checkpoints").glob("step-*")), "no checkpoint was written"
+    assert not (killed / "lora").exists(), "the run finished before it was killed"
+    subprocess.run(_cli(prepared, killed, params_file), check=True, capture_output=True)
+
+    whole = tmp_path / "whole"
+    subprocess.run(_cli(prepared, whole, params_file), check=True, capture_output=True)
+    a, b = (load_file(d / "lora" / finetune.LORA_FILE) for d in (killed, whole))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = (pd.read_csv(d / "loss.csv") for d in (killed, whole))
+    assert la.equals(lb) and len(la) == 36
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(prepared, tmp_path, default):
+    base = dict(default["finetune"], max_train_steps=4, checkpoint_every=2)
+    finetune.finetune(default["models"], default["prompts"], base, prepared, tmp_path, 64)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
+    other = dict(base, lr=3e-4)
+    history = finetune.finetune(default["models"], default["prompts"], other, prepared, tmp_path, 64)
+    assert list(history["step"]) == [1, 2, 3, 4]  # started from scratch
+
+
+@pytest.mark.e2e
+def test_accelerate_launch_with_two_cpu_processes(prepared, tmp_path):
+    params_file = _params_file(tmp_path, num_processes=2, max_train_steps=3)
+    history = finetune.run(None, prepared, tmp_path / "out", params_file)
+    assert list(history["step"]) == [1, 2, 3]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["processes"] == 2
+    weights = load_file(tmp_path / "out" / "lora" / finetune.LORA_FILE)
+    assert weights and all("lora" in k for k in weights)
