@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from PIL import Image
 
 
@@ -63,3 +64,39 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class _Inert:
+    """Stands in for any class a checkpoint pickles besides tensors: it records, it never runs code."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _inert(name: str) -> type:
+    return type(f"Inert[{name}]", (_Inert,), {})
+
+
+def load_tensors(path: Path):
+    """A weights file's content without executing anything it contains.
+
+    safetensors loads directly. A torch pickle loads with weights_only=True; the globals it names
+    beyond tensors (POSTER++ pickles helper objects next to its state dict) are listed first and
+    mapped to inert stand-ins, so they are rebuilt as plain records and their code never runs.
+    """
+    path = Path(path).expanduser()
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    import pickle
+
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    try:
+        with torch.serialization.safe_globals([(_inert(n), n) for n in names]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # e.g. a call of os.system: torch refuses such globals outright
+        raise ValueError(f"{path} was refused: it asks the unpickler to call a blocked function ({e})") from e

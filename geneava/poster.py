@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geneava.io import load_tensors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -352,41 +354,15 @@ def extract_state_dict(obj) -> dict[str, torch.Tensor]:
     return {k: v for k, v in out.items() if not k.startswith(UNUSED_PREFIXES)}
 
 
-class _Inert:
-    """Stands in for any class a checkpoint pickles besides tensors: it records, it never runs code."""
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-def _inert(name: str) -> type:
-    return type(f"Inert[{name}]", (_Inert,), {})
-
-
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint, without executing anything it contains.
-
-    safetensors loads directly. A torch pickle loads with weights_only=True; the globals it names
-    beyond tensors (POSTER++ pickles helper objects next to its state dict) are listed first and
-    mapped to inert stand-ins, so they are rebuilt as plain records and their code never runs.
-    """
+    """POSTER's weights from an official checkpoint, read without executing anything (io.load_tensors)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"POSTER checkpoint {path} not found. Download the official checkpoint (github "
             "zczcwh/POSTER, e.g. RAF-DB) and set models.<profile>.expression to its path, or use 'tiny'."
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return extract_state_dict(load_file(path))
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    with torch.serialization.safe_globals([(_inert(n), n) for n in names]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    return extract_state_dict(obj)
+    return extract_state_dict(load_tensors(path))
 
 
 def from_checkpoint(path: Path) -> Poster:
