@@ -155,6 +155,13 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "eval_per_class": integer(1),
         "classes": integer(1, 135, optional=True),
         "resolution": integer(8),
+        "detector": text(("auto", "retinaface", "dlib")),
+        "detector_root": text(),  # insightface root: models in <root>/models/<pack>
+        "detector_pack": text(),
+        "watermark": text(),  # "none" or the path of the ConvNeXt-T watermark classifier weights
+        "watermark_threshold": number(0.0, 1.0),
+        "crop_margin": number(0.0, 2.0),
+        "max_pixels": integer(1),  # larger images are dropped (decompression-bomb guard)
     },
     "finetune": {
         "seed": integer(0),

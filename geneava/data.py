@@ -1,13 +1,17 @@
-"""Emo135 preparation (paper, "Fine-tuning data"): scan, split into disjoint balanced subsets, write.
+"""Emo135 preparation (paper, "Fine-tuning data"): read safely, deduplicate, detect and crop faces,
+drop watermarked images, and sample seeded, balanced, disjoint fine-tuning and evaluation sets.
 
-Foundation scope: every readable image is centre-cropped to a square and resized; face detection,
-the watermark filter and the full bad-input policy arrive with the data issue (#3) and plug in here.
+Nothing in the source folder is ever modified. Every file gets a manifest row: where it went, or why
+it was dropped. Files are examined per class in a seeded order only until both splits are full, so a
+large real Emo135 costs detector time only for the images the splits need.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,70 +20,221 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from geneava import emo135
+from geneava.faces import face_detector, square_crop
 from geneava.io import save_png, sha256_bytes, write_csv, write_json
+from geneava.watermark import watermark_filter
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 SPLITS = ("finetune", "eval")
+# Why a file is not used; the manifest's `status` holds one of these (or a split name).
+REASONS = (
+    "empty file",
+    "not an image",
+    "corrupt or truncated",
+    "too large",
+    "unreadable",
+    "duplicate",
+    "duplicate across classes",
+    "no face",
+    "several faces",
+    "watermark",
+)
 
 
 class DataError(RuntimeError):
     """The input folder cannot be used at all."""
 
 
-def scan(source: Path, max_classes: int | None = None) -> pd.DataFrame:
-    """List the images of an Emo135-layout folder: one sub-folder per expression class."""
+def scan(source: Path, max_classes: int | None = None) -> tuple[pd.DataFrame, dict]:
+    """List the files of an Emo135-layout folder (one sub-folder per class) and reconcile the classes."""
     source = Path(source)
     if not source.is_dir():
         raise DataError(
             f"{source} is not a folder. Point prepare.<profile>.source at an Emo135-layout folder "
             "(one sub-folder per class), or run `python -m geneava.standin data` for the stand-in."
         )
-    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except PermissionError as e:
+        raise DataError(f"cannot list {source}: {e}. Make it readable (chmod) and rerun.") from e
     if not folders:
         raise DataError(f"{source} has no class sub-folders (expected one folder per expression class)")
-    emo135.reconcile([p.name for p in folders])
+    report = emo135.reconcile([p.name for p in folders])
     if max_classes is not None:
         folders = folders[:max_classes]
-    rows = [
-        {"source": str(f), "expression": folder.name}
-        for folder in folders
-        for f in sorted(folder.iterdir())
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    return pd.DataFrame(rows, columns=["source", "expression"])
+    rows = []
+    for folder in folders:
+        try:
+            files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+        except PermissionError as e:
+            raise DataError(f"cannot list class folder {folder}: {e}. Make it readable and rerun.") from e
+        rows += [
+            {"source": str(f), "expression": folder.name} for f in files if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+    return pd.DataFrame(rows, columns=["source", "expression"]), report
 
 
-def sample_splits(
-    images: pd.DataFrame, finetune_per_class: int, eval_per_class: int, seed: int
-) -> pd.DataFrame:
-    """Assign each image to `finetune`, `eval` or nothing: seeded, balanced, disjoint by construction.
+def read_image(path: Path, max_pixels: int) -> tuple[np.ndarray | None, str]:
+    """(RGB uint8 array, "") or (None, reason). Handles EXIF rotation, CMYK, 16-bit, grey, alpha."""
+    try:
+        if path.stat().st_size == 0:
+            return None, "empty file"
+        with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                return None, "too large"
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im), ""
+    except UnidentifiedImageError:
+        return None, "not an image"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None, "too large"
+    except PermissionError:
+        return None, "unreadable"
+    except (OSError, SyntaxError, ValueError):
+        return None, "corrupt or truncated"
 
-    A class with fewer images than both splits need is an error that lists every such class; the
-    splits are never silently shrunk.
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float grey: rescale, don't clip
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = np.zeros_like(a) if hi == lo else (a - lo) / (hi - lo) * 255
+        return np.repeat(a.round().astype(np.uint8)[:, :, None], 3, axis=2)
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(im.convert("RGB"))
+
+
+def mark_duplicates(images: pd.DataFrame) -> pd.Series:
+    """Status per file: "duplicate across classes" for bytes that occur in several classes (their label
+    is ambiguous: all copies dropped), "duplicate" for a repeat within one class (the first is kept)."""
+    status = pd.Series("", index=images.index, dtype=object)
+    for _, group in images.groupby("source_sha256"):
+        if len(group) < 2:
+            continue
+        if group["expression"].nunique() > 1:
+            status[group.index] = "duplicate across classes"
+        else:
+            status[group.index[1:]] = "duplicate"
+    return status
+
+
+def class_order(name: str, n: int, seed: int) -> np.ndarray:
+    """The seeded order in which a class's files are examined (keyed by name: stable if classes change)."""
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, key]).permutation(n)
+
+
+def prepare(params: dict, out_dir: Path, root: Path, detector=None, watermark=None) -> pd.DataFrame:
+    """Run the prepare stage; write the crops, `data/manifest.csv`, `report.json`, `class_counts.csv`.
+
+    Classes without enough usable images are an error that lists them, raised after the manifest and
+    report are written (so you can see why), never a silent shrink of the splits.
     """
-    need = finetune_per_class + eval_per_class
-    counts = images.groupby("expression").size()
-    short = counts[counts < need]
-    if len(short):
-        listing = ", ".join(f"{name} ({n})" for name, n in short.items())
+    out_dir, data_dir = Path(out_dir), Path(out_dir) / "data"
+    source = (root / params["source"]).resolve()
+    images, classes_report = scan(source, params["classes"])
+    if images.empty:
+        raise DataError(f"no image files under {source}")
+    detector = detector or face_detector(params["detector"], params["detector_root"], params["detector_pack"])
+    if watermark is None and params["watermark"] != "none":
+        watermark = watermark_filter(params["watermark"], params["watermark_threshold"])
+    need = {"finetune": params["finetune_per_class"], "eval": params["eval_per_class"]}
+
+    hashes = []
+    for path in tqdm(images["source"], desc="hash", unit="file"):
+        try:
+            hashes.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+        except OSError:
+            hashes.append(f"unreadable:{path}")
+    images["source_sha256"] = hashes
+    images["status"] = mark_duplicates(images)
+    images.loc[images["source_sha256"].str.startswith("unreadable:"), "status"] = "unreadable"
+    for col in ("x0", "y0", "x1", "y1", "score"):
+        images[col] = np.nan
+    images["faces"] = pd.array([pd.NA] * len(images), dtype="Int64")
+    images["watermark_p"] = np.nan
+    images["file"] = ""
+    images["sha256"] = ""
+
+    groups = images.groupby("expression", sort=True)
+    for name, group in tqdm(groups, total=groups.ngroups, desc=f"prepare ({detector.name})", unit="class"):
+        filled = dict.fromkeys(SPLITS, 0)
+        for i in group.index[class_order(name, len(group), params["seed"])]:
+            if all(filled[s] >= need[s] for s in SPLITS):
+                break
+            if images.at[i, "status"]:
+                continue
+            rgb, reason = read_image(Path(images.at[i, "source"]), params["max_pixels"])
+            if rgb is None:
+                images.at[i, "status"] = reason
+                continue
+            faces = detector.detect(rgb)
+            images.at[i, "faces"] = len(faces)
+            if len(faces) != 1:
+                images.at[i, "status"] = "no face" if not faces else "several faces"
+                continue
+            face = faces[0]
+            images.loc[i, ["x0", "y0", "x1", "y1"]] = face.box
+            images.at[i, "score"] = face.score
+            if watermark is not None:
+                images.at[i, "watermark_p"] = watermark.probability(rgb)
+                if images.at[i, "watermark_p"] > watermark.threshold:
+                    images.at[i, "status"] = "watermark"
+                    continue
+            split = "finetune" if filled["finetune"] < need["finetune"] else "eval"
+            filled[split] += 1
+            rel = Path("images") / split / name / f"{Path(images.at[i, 'source']).stem}.png"
+            crop = square_crop(rgb, face.box, params["crop_margin"], params["resolution"])
+            images.at[i, "sha256"] = sha256_bytes(save_png(data_dir / rel, crop))
+            images.at[i, "file"] = str(rel)
+            images.at[i, "status"] = split
+    images.loc[images["status"] == "", "status"] = "not examined"
+    images["split"] = images["status"].where(images["status"].isin(SPLITS), "")
+    images["source"] = [
+        str(Path(s).relative_to(root)) if Path(s).is_relative_to(root) else s for s in images["source"]
+    ]
+    write_csv(data_dir / "manifest.csv", images)
+
+    counts = images.pivot_table(index="expression", columns="status", aggfunc="size", fill_value=0)
+    counts = counts.reindex(columns=[*SPLITS, *REASONS, "not examined"], fill_value=0)
+    write_csv(out_dir / "class_counts.csv", counts.reset_index())
+    short = {
+        n: {s: int(counts.at[n, s]) for s in SPLITS}
+        for n in counts.index
+        if any(counts.at[n, s] < need[s] for s in SPLITS)
+    }
+    report = {
+        "detector": getattr(detector, "name", type(detector).__name__),
+        "watermark_filter": watermark.name if watermark is not None else "none (not checked)",
+        "files": len(images),
+        "classes": int(images["expression"].nunique()),
+        "classes_missing_from_data": classes_report["missing_from_data"],
+        "classes_unknown_to_list": classes_report["unknown_to_list"],
+        "status": {k: int(v) for k, v in sorted(Counter(images["status"]).items())},
+        "short_classes": short,
+        **{f"{s}_images": int((images["split"] == s).sum()) for s in SPLITS},
+    }
+    write_json(out_dir / "report.json", report)
+    write_json(
+        out_dir / "metrics.json",
+        {k: report[k] for k in ("classes", "files", "finetune_images", "eval_images")},
+    )
+    if short:
+        listing = ", ".join(f"{n} ({v['finetune']}+{v['eval']})" for n, v in list(short.items())[:20])
         raise DataError(
-            f"{len(short)} class(es) have fewer than the {need} images the splits need "
-            f"({finetune_per_class} fine-tuning + {eval_per_class} evaluation): {listing}. "
-            "Lower prepare.<profile>.finetune_per_class / eval_per_class or add images."
+            f"{len(short)} class(es) have too few usable images for {need['finetune']} fine-tuning + "
+            f"{need['eval']} evaluation: {listing}. See {out_dir / 'report.json'} and the manifest for why; "
+            "add images or lower prepare.<profile>.finetune_per_class / eval_per_class."
         )
-    out = images.copy()
-    out["split"] = ""
-    for name, group in out.groupby("expression", sort=True):
-        # One generator per class, keyed by its name: adding a class does not reshuffle the others.
-        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
-        order = np.random.default_rng([seed, key]).permutation(len(group))
-        labels = np.array([""] * len(group), dtype=object)
-        labels[order[:finetune_per_class]] = "finetune"
-        labels[order[finetune_per_class:need]] = "eval"
-        out.loc[group.index, "split"] = labels
-    return out
+    return images
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -87,67 +242,6 @@ def load_rgb(path: Path) -> Image.Image:
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         return im.convert("RGB")
-
-
-def square_resize(img: Image.Image, size: int) -> Image.Image:
-    return ImageOps.fit(img, (size, size), Image.Resampling.LANCZOS)
-
-
-def prepare(params: dict, out_dir: Path, root: Path) -> pd.DataFrame:
-    """Run the prepare stage: split, write resized copies and the manifest; return the manifest."""
-    out_dir = Path(out_dir)
-    data_dir = out_dir / "data"  # the DVC-tracked subsets; reports sit beside it
-    source = (root / params["source"]).resolve()
-    images = scan(source, params["classes"])
-    manifest = sample_splits(images, params["finetune_per_class"], params["eval_per_class"], params["seed"])
-    manifest = manifest[manifest["split"] != ""].reset_index(drop=True)
-    files, source_hashes, image_hashes, dropped = [], [], [], []
-    for row in tqdm(manifest.itertuples(), total=len(manifest), desc="prepare", unit="img"):
-        src = Path(row.source)
-        rel = Path("images") / row.split / row.expression / f"{src.stem}.png"
-        try:
-            raw = src.read_bytes()
-            img = square_resize(load_rgb(src), params["resolution"])
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-            files.append("")
-            source_hashes.append("")
-            image_hashes.append("")
-            dropped.append(f"unreadable: {type(e).__name__}")
-            continue
-        data = save_png(data_dir / rel, img)
-        files.append(str(rel))
-        source_hashes.append(sha256_bytes(raw))
-        image_hashes.append(sha256_bytes(data))
-        dropped.append("")
-    manifest["file"] = files
-    manifest["source_sha256"] = source_hashes
-    manifest["sha256"] = image_hashes
-    manifest["dropped"] = dropped
-    manifest["source"] = [
-        str(Path(s).relative_to(root)) if Path(s).is_relative_to(root) else s for s in manifest["source"]
-    ]
-    if (manifest["dropped"] != "").any():
-        bad = manifest[manifest["dropped"] != ""]
-        raise DataError(
-            f"{len(bad)} sampled image(s) could not be read, e.g. {bad.iloc[0]['source']}: "
-            f"{bad.iloc[0]['dropped']}. Remove or replace them (the data issue adds automatic skipping)."
-        )
-    write_csv(data_dir / "manifest.csv", manifest)
-    counts = (
-        manifest.groupby(["expression", "split"])
-        .size()
-        .unstack(fill_value=0)
-        .reindex(columns=list(SPLITS), fill_value=0)
-    )
-    write_csv(out_dir / "class_counts.csv", counts.reset_index())
-    write_json(
-        out_dir / "metrics.json",
-        {
-            "classes": int(manifest["expression"].nunique()),
-            **{f"{split}_images": int((manifest["split"] == split).sum()) for split in SPLITS},
-        },
-    )
-    return manifest
 
 
 def read_split(prepare_dir: Path, split: str) -> pd.DataFrame:
@@ -162,16 +256,22 @@ def read_split(prepare_dir: Path, split: str) -> pd.DataFrame:
     return rows
 
 
-def plot_split_counts(manifest: pd.DataFrame, save_to: Path | None = None):
-    """Images per class in each split (seaborn); the splits must be flat bars if balanced."""
+def plot_filter_counts(out_dir: Path, save_to: Path | None = None):
+    """What happened to the files: totals per outcome, and per class (seaborn heatmap)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    counts = manifest.groupby(["expression", "split"]).size().rename("images").reset_index()
-    fig, ax = plt.subplots(figsize=(min(24, 2 + 0.12 * counts["expression"].nunique()), 3))
-    sns.barplot(data=counts, x="expression", y="images", hue="split", ax=ax)
-    ax.tick_params(axis="x", labelrotation=90, labelsize=5)
-    ax.set(title="Images per expression class and split", xlabel="")
+    counts = pd.read_csv(Path(out_dir) / "class_counts.csv").set_index("expression")
+    counts = counts.loc[:, counts.sum() > 0]
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(13, max(4, 0.07 * len(counts))), gridspec_kw={"width_ratios": [1, 2]}
+    )
+    totals = counts.sum().sort_values()
+    sns.barplot(x=totals.values, y=totals.index, ax=ax1, color="steelblue")
+    ax1.set(title="Files by outcome", xlabel="files", ylabel="")
+    sns.heatmap(counts, ax=ax2, cmap="viridis", cbar_kws={"label": "files"})
+    ax2.set(title="Per class", xlabel="", ylabel="")
+    ax2.tick_params(axis="y", labelsize=4)
     fig.tight_layout()
     if save_to:
         fig.savefig(save_to, dpi=120)
@@ -184,7 +284,8 @@ def sample_grid(
     """A grid of `n` randomly chosen prepared images with their class."""
     import matplotlib.pyplot as plt
 
-    rows = manifest.sample(min(n, len(manifest)), random_state=seed)
+    used = manifest[manifest["split"].isin(SPLITS)]
+    rows = used.sample(min(n, len(used)), random_state=seed)
     cols = 8
     fig, axes = plt.subplots(
         -(-len(rows) // cols), cols, figsize=(1.6 * cols, 1.9 * -(-len(rows) // cols)), squeeze=False
