@@ -22,13 +22,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from geneava import emo135
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PER_CLASS = 4
+DEFAULT_PER_CLASS = 16
+BACKGROUND = (236, 236, 232)
+# Deliberately unusable files, so the default run exercises the filters: (class index step, image, kind)
+HARD_CASES = ((20, 6, "empty"), (15, 7, "pair"))
 DEFAULT_SIZE = 64
 ATTRIBUTES_FILE = "standin_attributes.csv"
 
@@ -84,27 +87,37 @@ def sample_attributes(expression: emo135.Expression, i: int) -> dict:
 
 
 def render_face(a: dict, size: int = DEFAULT_SIZE, supersample: int = 4) -> Image.Image:
-    """Draw one face from its attributes on a plain light background."""
+    """Draw one face from its attributes on a plain light background.
+
+    Shading (eye sockets, nose, ears, neck) and a slight blur make the faces findable by a real face
+    detector (dlib's MMOD finds about nine in ten), so the default run exercises real detection.
+    """
     s = size * supersample
-    img = Image.new("RGB", (s, s), (236, 236, 232))
+    img = Image.new("RGB", (s, s), BACKGROUND)
     d = ImageDraw.Draw(img)
     cx, cy = s / 2, s * 0.52
     fw, fh = a["face_width"] * s, a["face_height"] * s
     skin = SKIN_TONES[a["skin_tone"]]
-    hair = HAIR_COLOURS[a["hair_colour"]] if a["age"] < 0.8 else (200, 200, 200)
+    shade = tuple(int(c * 0.8) for c in skin)
     dark = tuple(int(c * 0.45) for c in skin)
+    hair = HAIR_COLOURS[a["hair_colour"]] if a["age"] < 0.8 else (200, 200, 200)
 
-    # shoulders, hair behind the head, neck, face
+    # shoulders, hair behind the head, neck, ears, face
     d.ellipse((cx - fw * 1.6, cy + fh * 0.85, cx + fw * 1.6, cy + fh * 2.6), fill=(90, 110, 140))
-    long_hair = a["hair_length"] > (0.35 if a["gender"] == "female" else 0.85)
-    if long_hair:
+    if a["hair_length"] > (0.35 if a["gender"] == "female" else 0.85):
         d.rectangle((cx - fw * 1.1, cy - fh * 0.6, cx + fw * 1.1, cy + fh * 0.9), fill=hair)
-    d.rectangle((cx - fw * 0.35, cy + fh * 0.6, cx + fw * 0.35, cy + fh * 1.1), fill=skin)
+    d.rectangle((cx - fw * 0.35, cy + fh * 0.6, cx + fw * 0.35, cy + fh * 1.1), fill=shade)
+    for side in (-1, 1):
+        ex = cx + side * fw * 0.95
+        d.ellipse((ex - fw * 0.12, cy - fh * 0.2, ex + fw * 0.12, cy + fh * 0.15), fill=shade)
     d.ellipse((cx - fw, cy - fh, cx + fw, cy + fh), fill=skin)
-    d.chord((cx - fw * 1.05, cy - fh * 1.08, cx + fw * 1.05, cy + fh * 0.2), 180, 360, fill=hair)
 
-    # eyes: openness scales the visible height
+    # eye sockets, then hair over the forehead, then eyes: openness scales the visible height
     ex, ey = fw * 0.42, cy - fh * 0.12
+    for side in (-1, 1):
+        x = cx + side * ex
+        d.ellipse((x - fw * 0.3, ey - fh * 0.16, x + fw * 0.3, ey + fh * 0.14), fill=shade)
+    d.chord((cx - fw * 1.05, cy - fh * 1.08, cx + fw * 1.05, cy), 180, 360, fill=hair)
     eh = fh * 0.12 * a["eye_open"]
     for side in (-1, 1):
         x = cx + side * ex
@@ -117,21 +130,37 @@ def render_face(a: dict, size: int = DEFAULT_SIZE, supersample: int = 4) -> Imag
     tilt = fh * 0.1 * a["brow_tilt"]
     for side in (-1, 1):
         inner, outer = cx + side * fw * 0.15, cx + side * fw * 0.65
-        d.line((inner, by - tilt, outer, by + tilt * 0.3), fill=dark, width=max(2, s // 40))
+        d.line((inner, by - tilt, outer, by + tilt * 0.3), fill=dark, width=max(2, s // 30))
 
-    # mouth: a curve through three points; openness draws a dark inner shape
+    # nose
+    d.polygon(
+        [(cx, ey + fh * 0.05), (cx - fw * 0.13, cy + fh * 0.28), (cx + fw * 0.13, cy + fh * 0.28)], fill=shade
+    )
+    for side in (-1, 1):
+        nx = cx + side * fw * 0.08
+        d.ellipse((nx - fw * 0.04, cy + fh * 0.24, nx + fw * 0.04, cy + fh * 0.3), fill=dark)
+
+    # mouth: corners rise for a smile (curve > 0) and fall for a frown; openness draws the inside
     my, mw = cy + fh * 0.5, fw * 0.45
     curve = fh * 0.14 * a["mouth_curve"]
     opening = fh * 0.22 * a["mouth_open"]
     if opening > fh * 0.02:
-        d.ellipse(
-            (cx - mw * 0.7, my - opening / 2 + curve * 0.3, cx + mw * 0.7, my + opening / 2 + curve * 0.3),
-            fill=(90, 20, 30),
-        )
-    # corners rise for a smile (curve > 0) and fall for a frown
+        top = my - opening / 2 + curve * 0.3
+        d.ellipse((cx - mw * 0.7, top, cx + mw * 0.7, top + opening), fill=(90, 20, 30))
     pts = [(x, my - curve * (((x - cx) / mw) ** 2 - 0.5)) for x in np.linspace(cx - mw, cx + mw, 9)]
-    d.line(pts, fill=(120, 40, 40), width=max(2, s // 48))
+    d.line(pts, fill=(150, 60, 60), width=max(3, s // 36))
+    img = img.filter(ImageFilter.GaussianBlur(s / 160))
     return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def render_hard_case(kind: str, a: dict, b: dict, size: int) -> Image.Image:
+    """Files the prepare stage must drop: `empty` (background only) or `pair` (two faces)."""
+    if kind == "empty":
+        return Image.new("RGB", (size, size), BACKGROUND)
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    for face, x in ((a, 0), (b, size // 2)):
+        img.paste(render_face(face, size // 2), (x, size // 4))
+    return img
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -157,7 +186,14 @@ def write_standin(root: Path, per_class: int = DEFAULT_PER_CLASS, size: int = DE
             for i in range(per_class):
                 attrs = sample_attributes(expression, i)
                 name = f"{expression.name}_{i:03d}.png"
-                (folder / name).write_bytes(_png_bytes(render_face(attrs, size)))
+                kind = next((k for step, j, k in HARD_CASES if i == j and expression.index % step == 0), "")
+                if kind:
+                    other = sample_attributes(expression, i + 1000)
+                    img = render_hard_case(kind, attrs, other, size)
+                else:
+                    img = render_face(attrs, size)
+                (folder / name).write_bytes(_png_bytes(img))
+                attrs["hard_case"] = kind
                 rows.append(
                     {
                         "file": f"emo135/{expression.name}/{name}",
