@@ -7,8 +7,20 @@ from pathlib import Path
 import pytest
 
 from geneava import config, data, finetune, standin
+from geneava.faces import Face
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class WholeImage:
+    """Test double for a face detector: one face filling the image. For tests of the logic around
+    detection (splits, crops, training); real detection has its own tests on real photos."""
+
+    name = "whole-image (test double)"
+
+    def detect(self, rgb):
+        h, w = rgb.shape[:2]
+        return [Face((0.0, 0.0, float(w), float(h)), 1.0)]
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +37,7 @@ def default(params) -> dict:
 @pytest.fixture(scope="session")
 def standin_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("standin")
-    standin.write_standin(root, per_class=3)
+    standin.write_standin(root, per_class=3)  # the tests use a detector double: no detection misses
     return root
 
 
@@ -34,7 +46,7 @@ def prepared(tmp_path_factory, standin_root, default) -> Path:
     """A prepared split (1 fine-tuning + 2 evaluation per class) of the first 12 classes."""
     out = tmp_path_factory.mktemp("prepare")
     p = dict(default["prepare"], source=str(standin_root / "emo135"), classes=12)
-    data.prepare(p, out, standin_root)
+    data.prepare(p, out, standin_root, detector=WholeImage())
     return out
 
 
