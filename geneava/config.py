@@ -112,8 +112,10 @@ def boolean(key: str, v: Any) -> Any:
     return v
 
 
-def text_list(min_len: int = 1) -> Callable:
+def text_list(min_len: int = 1, optional: bool = False) -> Callable:
     def check(key: str, v: Any) -> Any:
+        if v is None and optional:
+            return None
         if not isinstance(v, list) or len(v) < min_len or not all(isinstance(x, str) and x for x in v):
             _fail(key, v, f"a list of at least {min_len} non-empty strings")
         if len(set(v)) != len(v):
@@ -189,6 +191,18 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "resolution": integer(8),
         "batch_size": integer(1),
         "limit": integer(1, optional=True),
+        "expressions": text_list(1, optional=True),  # null: all 135
+        "qc": boolean,  # drop/retry images with no face, several faces, or a face too close
+        "qc_border": number(0.0, 0.4),  # a face box this close to the frame (fraction) is "too close"
+        "max_retries": integer(0),
+        "detector": text(("auto", "retinaface", "dlib")),
+        "detector_root": text(),
+        "detector_pack": text(),
+        "vae_slicing": boolean,
+        "vae_tiling": boolean,
+        "channels_last": boolean,
+        "compile": boolean,
+        "num_processes": integer(1),
     },
 }
 

@@ -18,8 +18,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +33,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from geneava import config, models, prompts
+from geneava import config, models, parallel, prompts
 from geneava.config import ParamsError
 from geneava.data import load_rgb, read_split
 from geneava.io import sha256_file, write_csv, write_json
@@ -395,27 +393,10 @@ def run(
     n = p["params"]["num_processes"]
     if n == 1:
         return finetune(**p, prepare_dir=prepare_dir, out_dir=out_dir)
-    # torchrun-style launch; without CUDA, Accelerator(cpu=True) then trains as MULTI_CPU (gloo)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(n),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        p["params"]["mixed_precision"],
-        "--dynamo_backend",
-        "no",
-    ]
-    cmd += ["-m", "geneava.finetune", "--prepare-dir", str(prepare_dir), "--out-dir", str(out_dir)]
-    if profile:
-        cmd += ["--profile", profile]
-    if params_file:
-        cmd += ["--params", str(params_file)]
-    subprocess.run(cmd, check=True)
+    args = ["--prepare-dir", str(prepare_dir), "--out-dir", str(out_dir)]
+    args += ["--profile", profile] if profile else []
+    args += ["--params", str(params_file)] if params_file else []
+    parallel.launch("geneava.finetune", args, n, p["params"]["mixed_precision"])
     return pd.read_csv(Path(out_dir) / "loss.csv")
 
 
