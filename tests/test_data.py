@@ -274,3 +274,25 @@ def test_several_faces_on_insightfaces_group_photo(detector):
 
 def test_no_face_in_an_empty_picture(detector):
     assert detector.detect(np.full((128, 128, 3), 236, np.uint8)) == []
+
+
+def test_no_face_and_several_faces_are_dropped_with_their_reason(emo_like, default, tmp_path):
+    class CountsByName:  # detector double keyed on image content: 0 faces for dark, 2 for bright images
+        name = "counting double"
+
+        def detect(self, rgb):
+            mean = rgb.mean()
+            n = 0 if mean < 150 else 2 if mean > 230 else 1
+            return [WholeImage().detect(rgb)[0]] * n
+
+    folder = emo_like.parent / "faces_case" / "emo135" / "delight"
+    folder.mkdir(parents=True)
+    for i, value in enumerate((40, 240, 200, 201, 202)):  # distinct bytes: no duplicates
+        Image.new("RGB", (64, 64), (value, value, value)).save(folder / f"{i}.png")
+    p = _params(default, folder.parent, finetune_per_class=1, eval_per_class=3)  # 4 > 3 usable: all examined
+    with pytest.raises(data.DataError, match="delight"):
+        data.prepare(p, tmp_path, folder.parent.parent, detector=CountsByName())
+    m = pd.read_csv(tmp_path / "data/manifest.csv", keep_default_na=False)
+    status = dict(zip(m["source"].map(lambda s: Path(s).name), m["status"], strict=True))
+    assert status["0.png"] == "no face" and status["1.png"] == "several faces"
+    assert sorted(status[f"{i}.png"] for i in (2, 3, 4)) == ["eval", "eval", "finetune"]

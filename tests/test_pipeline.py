@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -84,7 +85,14 @@ def test_repro_runs_every_stage_through_papermill(clone):
     assert report["eval_images"] == 135 * prep["eval_per_class"]
     assert report["status"]["no face"] > 0 and report["status"]["duplicate across classes"] > 0
     assert (clone / "outputs/finetune/lora/pytorch_lora_weights.safetensors").is_file()
-    assert len(list((clone / "outputs/generate/images").rglob("*.png"))) == 8
+    for variant in ("finetuned", "baseline"):  # same rows, QC'd (the tiny model draws noise: QC says so)
+        m = pd.read_csv(clone / f"outputs/generate/{variant}/manifest.csv", keep_default_na=False)
+        assert (
+            len(m) == 8
+            and m["row_id"].is_unique
+            and m["qc"].isin(["pass", "no face", "several faces", "face too close"]).all()
+        )
+        assert len(list((clone / f"outputs/generate/{variant}/images").rglob("*.png"))) == 8
 
 
 def test_everything_up_to_date_and_second_repro_is_a_no_op(clone):
