@@ -231,13 +231,7 @@ def finetune(
 
     # --- models: SDXL and E_exp from the factory; only the LoRA layers train
     torch.manual_seed(seed)
-    pipe = models.sdxl_pipeline(
-        model_params["sdxl"],
-        seed=model_params["seed"],
-        dtype=model_params["dtype"],
-        local_files_only=model_params["local_files_only"],
-        corpus=prompts.vocabulary(prompt_params),
-    )
+    pipe = models.sdxl_from_params(model_params, prompt_params)
     unet, vae = pipe.unet, pipe.vae
     prepare_for_training(pipe, params["rank"])
     for module in (unet, vae, pipe.text_encoder, pipe.text_encoder_2):
@@ -390,13 +384,17 @@ def run(
 ) -> pd.DataFrame:
     """Run the stage: in this process, or under `accelerate launch` when num_processes > 1."""
     p = stage_params(profile, params_file)
-    n = p["params"]["num_processes"]
-    if n == 1:
-        return finetune(**p, prepare_dir=prepare_dir, out_dir=out_dir)
-    args = ["--prepare-dir", str(prepare_dir), "--out-dir", str(out_dir)]
-    args += ["--profile", profile] if profile else []
-    args += ["--params", str(params_file)] if params_file else []
-    parallel.launch("geneava.finetune", args, n, p["params"]["mixed_precision"])
+    paths = {"prepare_dir": prepare_dir, "out_dir": out_dir}
+    if parallel.run_here(p["params"]["num_processes"]):
+        return finetune(**p, **paths)
+    parallel.launch_stage(
+        "geneava.finetune",
+        p["params"]["num_processes"],
+        profile,
+        params_file,
+        paths,
+        p["params"]["mixed_precision"],
+    )
     return pd.read_csv(Path(out_dir) / "loss.csv")
 
 

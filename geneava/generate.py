@@ -68,13 +68,7 @@ def _settings(model_params: dict, params: dict, lora_sha256: str | None) -> dict
 
 def build_pipeline(model_params: dict, prompt_params: dict, params: dict, lora_dir: Path | None, device):
     """SDXL (+ LoRA) on `device` with the speed options from params."""
-    pipe = models.sdxl_pipeline(
-        model_params["sdxl"],
-        seed=model_params["seed"],
-        dtype=model_params["dtype"],
-        local_files_only=model_params["local_files_only"],
-        corpus=prompts.vocabulary(prompt_params),
-    ).to(device)
+    pipe = models.sdxl_from_params(model_params, prompt_params).to(device)
     if lora_dir is not None:
         pipe.load_lora_weights(str(lora_dir))
     if params["vae_slicing"]:
@@ -227,14 +221,10 @@ def run(profile: str | None, out_dir: Path, lora_dir: Path | None, params_file: 
     """Generate one variant (with `lora_dir`: fine-tuned; without: the SDXL baseline), in this process or
     under `accelerate launch` when generate.<profile>.num_processes > 1."""
     p = stage_params(profile, params_file)
-    n = p["params"]["num_processes"]
-    if n == 1:
-        return generate(**p, out_dir=out_dir, lora_dir=lora_dir)
-    args = ["--out-dir", str(out_dir)]
-    args += ["--lora-dir", str(lora_dir)] if lora_dir else []
-    args += ["--profile", profile] if profile else []
-    args += ["--params", str(params_file)] if params_file else []
-    parallel.launch("geneava.generate", args, n)
+    paths = {"out_dir": out_dir, "lora_dir": lora_dir}
+    if parallel.run_here(p["params"]["num_processes"]):
+        return generate(**p, **paths)
+    parallel.launch_stage("geneava.generate", p["params"]["num_processes"], profile, params_file, paths)
     return pd.read_csv(Path(out_dir) / "manifest.csv", keep_default_na=False)
 
 
@@ -324,13 +314,8 @@ def before_after(
 
     table = prompts.prompt_table(prompt_params, expressions=expressions, seed=seed)
     rows = table.groupby("expression", sort=False).head(1).reset_index(drop=True)
-    pipe = models.sdxl_pipeline(
-        model_params["sdxl"],
-        seed=model_params["seed"],
-        dtype=model_params["dtype"],
-        local_files_only=model_params["local_files_only"],
-        corpus=prompts.vocabulary(prompt_params),
-    ).to("cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = models.sdxl_from_params(model_params, prompt_params).to(device)
     opts = {"steps": steps, "guidance_scale": guidance_scale, "resolution": resolution}
     base = render(pipe, rows, list(rows["seed"]), opts)
     pipe.load_lora_weights(str(lora_dir))

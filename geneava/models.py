@@ -149,6 +149,19 @@ def sdxl_pipeline(
     return pipe
 
 
+def sdxl_from_params(model_params: dict, prompt_params: dict) -> StableDiffusionXLPipeline:
+    """The SDXL a stage's `models` and `prompts` parameter blocks describe."""
+    from geneava import prompts  # prompts' vocabulary trains the tiny model's offline tokenizer
+
+    return sdxl_pipeline(
+        model_params["sdxl"],
+        seed=model_params["seed"],
+        dtype=model_params["dtype"],
+        local_files_only=model_params["local_files_only"],
+        corpus=prompts.vocabulary(prompt_params),
+    )
+
+
 def training_scheduler(pipe: StableDiffusionXLPipeline) -> DDPMScheduler:
     """The DDPM noise schedule (ᾱ_t) the model was trained with, from the pipeline's own config."""
     return DDPMScheduler.from_config(pipe.scheduler.config)

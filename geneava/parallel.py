@@ -30,3 +30,28 @@ def launch(module: str, args: list[str], num_processes: int, mixed_precision: st
         *args,
     ]
     subprocess.run(cmd, check=True)
+
+
+def run_here(num_processes: int) -> bool:
+    """Whether a stage runs in this process (one process asked for) or re-launches itself."""
+    return num_processes == 1
+
+
+def launch_stage(
+    module: str,
+    num_processes: int,
+    profile: str | None,
+    params_file,
+    paths: dict,
+    mixed_precision: str = "no",
+) -> None:
+    """Launch a stage's CLI (`--out-dir`, `--prepare-dir`, ... from `paths`; None paths left out)."""
+    args = [
+        a
+        for key, value in paths.items()
+        if value is not None
+        for a in (f"--{key.replace('_', '-')}", str(value))
+    ]
+    args += ["--profile", profile] if profile else []
+    args += ["--params", str(params_file)] if params_file else []
+    launch(module, args, num_processes, mixed_precision)
