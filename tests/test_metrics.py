@@ -1,0 +1,70 @@
+"""Each pairwise metric equals a naive double loop over pairs."""
+
+import lpips
+import numpy as np
+import pytest
+import torch
+
+from geneava import metrics
+
+
+@pytest.fixture(scope="module")
+def lpips_model():
+    torch.manual_seed(0)
+    # random AlexNet backbone (its weights are a download), the package's own learned linear heads
+    return lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+
+
+def test_cosine_and_euclidean_match_loops():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 16, generator=g), torch.randn(5, 16, generator=g)
+    cos, euc = metrics.cosine_matrix(a, b), metrics.euclidean_matrix(a, b)
+    for i in range(7):
+        for j in range(5):
+            assert cos[i, j].item() == pytest.approx(
+                torch.nn.functional.cosine_similarity(a[i], b[j], 0).item(), abs=1e-6
+            )
+            assert euc[i, j].item() == pytest.approx((a[i] - b[j]).norm().item(), abs=1e-5)
+
+
+def test_euclidean_of_identical_sets_has_a_zero_diagonal():
+    a = torch.randn(6, 32)
+    assert metrics.euclidean_matrix(a, a).diagonal().abs().max() < 1e-6
+
+
+def test_lpips_gram_equals_lpips_pair_by_pair(lpips_model):
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(5, 3, 64, 64, generator=g) * 2 - 1
+    b = torch.rand(4, 3, 64, 64, generator=g) * 2 - 1
+    gram = metrics.LpipsGram(lpips_model)
+    fast = metrics.LpipsGram.pairs(gram.features(a), gram.features(b), block=2)
+    with torch.no_grad():
+        for i in range(5):
+            for j in range(4):
+                slow = lpips_model(a[i : i + 1], b[j : j + 1]).item()
+                assert abs(fast[i, j].item() - slow) <= 1e-5
+    same = metrics.LpipsGram.pairs(gram.features(a), gram.features(a))
+    assert same.diagonal().abs().max() < 1e-9
+
+
+def test_lpips_gram_refuses_other_variants(lpips_model):
+    with pytest.raises(ValueError, match="lpips=True"):
+        metrics.LpipsGram(lpips.LPIPS(net="alex", pnet_rand=True, lpips=False, verbose=False))
+
+
+def test_per_class_means_pair_within_classes():
+    m = torch.arange(12, dtype=torch.float64).reshape(3, 4)  # rows: generated, cols: evaluation
+    gen, ev = np.array(["a", "b", "a"]), np.array(["a", "b", "b", "a"])
+    means = metrics.per_class_means(lambda gi, ei: m[np.ix_(gi, ei)], gen, ev)
+    assert means == {"a": float(np.mean([0, 3, 8, 11])), "b": float(np.mean([5, 6]))}
+
+
+def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_data():
+    rng = np.random.default_rng(0)
+    small = torch.from_numpy(rng.normal(0.5, 0.1, (10, 10)))
+    large = torch.from_numpy(rng.normal(0.5, 0.1, (200, 200)))
+    m, lo, hi = metrics.bootstrap_ci(small, n_boot=300)
+    assert lo < m < hi
+    m2, lo2, hi2 = metrics.bootstrap_ci(large, n_boot=300)
+    assert hi2 - lo2 < hi - lo
+    assert metrics.bootstrap_ci(small, n_boot=300, seed=1) == metrics.bootstrap_ci(small, n_boot=300, seed=1)
