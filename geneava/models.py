@@ -177,3 +177,70 @@ def expression_encoder(source: str, seed: int = 0) -> torch.nn.Module:
 
     model = poster.tiny_poster(seed) if source == "tiny" else poster.from_checkpoint(Path(source))
     return model.requires_grad_(False).eval()
+
+
+# ------------------------------------------------------------------ image encoders for Table 1
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The paper names neither variant; these are ours (README): CLIP ViT-L/14 and DINOv2 ViT-B/14.
+REAL_ENCODERS = {"clip": "openai/clip-vit-large-patch14", "dino": "facebook/dinov2-base"}
+TINY_VIT = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+
+
+class ImageEncoder:
+    """`embed(images in [-1, 1]) -> (n, d)`: resize to the model's input, normalise, encode, batched.
+
+    CLIP gives its projected image embedding; DINOv2 its CLS token (pooler output)."""
+
+    def __init__(self, kind: str, model: torch.nn.Module, size: int, mean, std):
+        self.kind, self.model, self.size = kind, model.eval(), size
+        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        out = []
+        for chunk in images.split(batch):
+            x = torch.nn.functional.interpolate(
+                (chunk.float() + 1) / 2, size=(self.size, self.size), mode="bicubic", align_corners=False
+            ).clamp(0, 1)
+            x = ((x - self.mean) / self.std).to(device)
+            o = self.model(pixel_values=x)
+            out.append((o.image_embeds if self.kind == "clip" else o.pooler_output).float().cpu())
+        return torch.cat(out)
+
+
+def image_encoder(
+    kind: str, source: str = "tiny", seed: int = 0, local_files_only: bool = True
+) -> ImageEncoder:
+    """The CLIP or DINOv2 image encoder of Table 1: real weights (hub id or folder) or a tiny twin."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model
+
+    if kind not in REAL_ENCODERS:
+        raise ValueError(f"unknown image encoder '{kind}' (known: {', '.join(REAL_ENCODERS)})")
+    cls = CLIPVisionModelWithProjection if kind == "clip" else Dinov2Model
+    if source == "tiny":
+        torch.manual_seed(seed)
+        cfg = CLIPVisionConfig(**TINY_VIT, projection_dim=32) if kind == "clip" else Dinov2Config(**TINY_VIT)
+        model = cls(cfg)
+    else:
+        try:
+            model = cls.from_pretrained(source, local_files_only=local_files_only, use_safetensors=True)
+        except (OSError, ValueError) as e:
+            raise RuntimeError(
+                f"could not load the {kind} encoder from '{source}': {e}\nGive a local folder or a hub id "
+                f"with network access (e.g. {REAL_ENCODERS[kind]}), or 'tiny' for the offline stand-in."
+            ) from e
+    mean, std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+    size = (
+        model.config.image_size if kind == "clip" else (224 if source != "tiny" else model.config.image_size)
+    )
+    return ImageEncoder(kind, model, size, mean, std)

@@ -75,3 +75,22 @@ def test_training_scheduler_matches_sdxl_schedule(corpus):
     assert sched.config.num_train_timesteps == 1000
     assert sched.config.beta_schedule == "scaled_linear"
     assert sched.alphas_cumprod[0] > 0.99 and sched.alphas_cumprod[-1] < 0.01
+
+
+@pytest.mark.parametrize("kind", ["clip", "dino"])
+def test_tiny_image_encoders_embed_in_batches(kind):
+    enc = models.image_encoder(kind, "tiny", seed=0)
+    images = torch.rand(5, 3, 40, 40) * 2 - 1
+    whole = enc.embed(images)
+    assert whole.shape == (5, 32) and torch.isfinite(whole).all()
+    assert torch.allclose(enc.embed(images, batch=2), whole, atol=1e-6)
+    again = models.image_encoder(kind, "tiny", seed=0).embed(images)
+    assert torch.equal(again, whole)
+    assert not torch.allclose(whole[0], whole[1])
+
+
+def test_missing_encoder_weights_say_what_to_do(tmp_path):
+    with pytest.raises(RuntimeError, match="clip-vit-large-patch14"):
+        models.image_encoder("clip", str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="unknown image encoder"):
+        models.image_encoder("siglip")
