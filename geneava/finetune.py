@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -29,11 +27,10 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from geneava import config, models, parallel, prompts
+from geneava import checkpoints, config, models, parallel, prompts
 from geneava.config import ParamsError
 from geneava.data import load_rgb, read_split
 from geneava.io import sha256_file, write_csv, write_json
@@ -157,54 +154,6 @@ def save_lora(unet, lora_dir: Path) -> Path:
     return Path(lora_dir) / LORA_FILE
 
 
-# ------------------------------------------------------------------ checkpoints
-
-
-def fingerprint(*parts) -> str:
-    """Identifies a training run: checkpoints of another run are never resumed."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def save_checkpoint(folder: Path, unet, optimizer, accelerator, state: dict, keep: int) -> None:
-    """Write checkpoint `step-N` atomically (temporary folder, then rename) and keep the newest `keep`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{state['step']:06d}"
-    tmp = folder / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    lora = get_peft_model_state_dict(accelerator.unwrap_model(unet))
-    save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, tmp / "lora.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if accelerator.scaler is not None:
-        torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-    (tmp / "state.json").write_text(json.dumps(state, sort_keys=True))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(folder.glob("step-*"))[:-keep]:
-        shutil.rmtree(old)
-
-
-def latest_checkpoint(folder: Path, run_id: str) -> Path | None:
-    """The newest complete checkpoint of this run (others are from different settings: ignored)."""
-    for ckpt in sorted(folder.glob("step-*"), reverse=True):
-        try:
-            state = json.loads((ckpt / "state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if state.get("run_id") == run_id:
-            return ckpt
-        log.warning("ignoring %s: made with other settings", ckpt)
-    return None
-
-
-def load_checkpoint(ckpt: Path, unet, optimizer, accelerator) -> dict:
-    set_peft_model_state_dict(accelerator.unwrap_model(unet), load_file(ckpt / "lora.safetensors"))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-    if accelerator.scaler is not None and (ckpt / "scaler.pt").exists():
-        accelerator.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
-    return json.loads((ckpt / "state.json").read_text())
-
-
 # ------------------------------------------------------------------ the training run
 
 
@@ -277,12 +226,14 @@ def finetune(
     if per_epoch == 0:
         raise ParamsError("fewer micro-batches per process than gradient_accumulation_steps")
     total = params["max_train_steps"] or params["epochs"] * per_epoch
-    run_id = fingerprint(model_params, prompt_params, params, resolution, world, list(rows["sha256"]))
+    run_id = checkpoints.fingerprint(
+        model_params, prompt_params, params, resolution, world, list(rows["sha256"])
+    )
     ckpt_dir = out_dir / "checkpoints"
     step, micro, history = 0, 0, []
-    ckpt = latest_checkpoint(ckpt_dir, run_id) if params["resume"] else None
+    ckpt = checkpoints.latest(ckpt_dir, run_id) if params["resume"] else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, unet, optimizer, accelerator)
+        state = checkpoints.load(ckpt, unet, optimizer, accelerator)
         step, micro, history = state["step"], state["micro"], state["history"]
         log.info("resumed from %s (step %d of %d)", ckpt.name, step, total)
     elif ckpt_dir.exists() and accelerator.is_main_process:
@@ -335,7 +286,7 @@ def finetune(
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     state = {"step": step, "micro": micro, "history": history, "run_id": run_id}
-                    save_checkpoint(
+                    checkpoints.save(
                         ckpt_dir, unet, optimizer, accelerator, state, params["checkpoints_total_limit"]
                     )
             if step >= total:
