@@ -255,13 +255,19 @@ def stage_params(stage: str, profile: str | None = None, path: Path | None = Non
 
     The whole file is validated first, so a bad value anywhere fails before a model is built.
     """
-    if stage not in SCHEMA:
-        raise KeyError(f"unknown stage '{stage}' (known: {', '.join(SCHEMA)})")
+    return blocks(stage, profile=profile, path=path)[stage]
+
+
+def blocks(*stages: str, profile: str | None = None, path: Path | None = None) -> dict[str, dict]:
+    """Several stages' parameter blocks for one profile, reading and validating the file once."""
+    unknown = [s for s in stages if s not in SCHEMA]
+    if unknown:
+        raise KeyError(f"unknown stage '{unknown[0]}' (known: {', '.join(SCHEMA)})")
     params = load_params(path)
     profile = profile or params["profile"]
     if profile not in PROFILES:
         _fail("profile", profile, f"one of {', '.join(PROFILES)}")
-    return dict(params[stage][profile])
+    return {s: dict(params[s][profile]) for s in stages}
 
 
 def main(argv: list[str] | None = None) -> int:

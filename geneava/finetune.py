@@ -321,12 +321,13 @@ def finetune(
 
 
 def stage_params(profile: str | None, params_file: Path | None = None) -> dict:
-    """The four parameter blocks the stage reads."""
+    """The parameter blocks the stage reads (the file is read once)."""
+    b = config.blocks("models", "prompts", "finetune", "prepare", profile=profile, path=params_file)
     return {
-        "model_params": config.stage_params("models", profile, params_file),
-        "prompt_params": config.stage_params("prompts", profile, params_file),
-        "params": config.stage_params("finetune", profile, params_file),
-        "resolution": config.stage_params("prepare", profile, params_file)["resolution"],
+        "model_params": b["models"],
+        "prompt_params": b["prompts"],
+        "params": b["finetune"],
+        "resolution": b["prepare"]["resolution"],
     }
 
 

@@ -210,11 +210,9 @@ def balance_report(manifest: pd.DataFrame) -> dict:
 
 
 def stage_params(profile: str | None, params_file: Path | None = None) -> dict:
-    return {
-        "model_params": config.stage_params("models", profile, params_file),
-        "prompt_params": config.stage_params("prompts", profile, params_file),
-        "params": config.stage_params("generate", profile, params_file),
-    }
+    """The parameter blocks the stage reads (the file is read once)."""
+    b = config.blocks("models", "prompts", "generate", profile=profile, path=params_file)
+    return {"model_params": b["models"], "prompt_params": b["prompts"], "params": b["generate"]}
 
 
 def run(profile: str | None, out_dir: Path, lora_dir: Path | None, params_file: Path | None = None):
