@@ -25,6 +25,7 @@ repro: setup
 	$(BIN)/python -m geneava.standin --ensure data
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
+	@cat outputs/evaluate/table1.md
 
 test: setup
 	$(BIN)/python -m pytest

@@ -25,7 +25,6 @@ from typing import Any
 import yaml
 
 PROFILES = ("default", "paper")
-STAGES = ("models", "prompts", "prepare", "finetune", "generate")
 PARAMS_FILE = "params.yaml"
 
 
@@ -203,6 +202,23 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "channels_last": boolean,
         "compile": boolean,
         "num_processes": integer(1),
+    },
+    "evaluate": {
+        # Table 1's image encoders: "tiny" (seeded random twin) or a hub id / local folder
+        "clip": text(),
+        "dino": text(),
+        # LPIPS AlexNet trunk: "random" (seeded), "torchvision" (ImageNet weights) or a weights file
+        "lpips": text(),
+        "lpips_size": integer(32),  # images are resized to this for LPIPS
+        "include": text(("kept", "all")),  # kept: images that passed QC (the paper); all: every image
+        "n_boot": integer(10),
+        "level": number(0.5, 0.999),
+        "seed": integer(0),
+        "batch_size": integer(1),
+        "detector": text(("auto", "retinaface", "dlib")),  # crops generated faces for the Exp. metric
+        "detector_root": text(),
+        "detector_pack": text(),
+        "crop_margin": number(0.0, 2.0),
     },
 }
 

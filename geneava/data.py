@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
@@ -242,6 +243,17 @@ def load_rgb(path: Path) -> Image.Image:
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         return im.convert("RGB")
+
+
+def load_images(paths: list[str], resolution: int) -> torch.Tensor:
+    """Images as a (N, 3, R, R) tensor in [-1, 1] (loaded per batch: 1,080 at 1024 px won't fit)."""
+    out = []
+    for p in paths:
+        img = load_rgb(Path(p))
+        if img.size != (resolution, resolution):
+            img = img.resize((resolution, resolution))
+        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+    return torch.stack(out)
 
 
 def read_split(prepare_dir: Path, split: str) -> pd.DataFrame:

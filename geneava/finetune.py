@@ -18,7 +18,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 
 from geneava import checkpoints, config, models, parallel, prompts
 from geneava.config import ParamsError
-from geneava.data import load_rgb, read_split
+from geneava.data import load_images, read_split
 from geneava.io import sha256_file, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -72,17 +71,6 @@ def predict_z0(
     """One-step estimate of the clean latent (paper): ẑ_0 = (z_t − √(1−ᾱ_t)·ε_θ) / √ᾱ_t."""
     a = alphas_cumprod.to(z_t.device)[t].float().view(-1, 1, 1, 1)
     return (z_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()
-
-
-def load_images(paths: list[str], resolution: int) -> torch.Tensor:
-    """Images as a (N, 3, R, R) tensor in [-1, 1] (loaded per batch: 1,080 at 1024 px won't fit)."""
-    out = []
-    for p in paths:
-        img = load_rgb(Path(p))
-        if img.size != (resolution, resolution):
-            img = img.resize((resolution, resolution))
-        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-    return torch.stack(out)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:

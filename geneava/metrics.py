@@ -13,6 +13,7 @@ computed in float64 and in blocks, so memory stays bounded and the cancellation 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -56,10 +57,11 @@ class LpipsGram:
 
         plain, weighted = [], []
         for chunk in images.split(batch):
-            outs = self.model.net.forward(self.model.scaling_layer(chunk))
+            device = next(self.model.parameters()).device
+            outs = self.model.net.forward(self.model.scaling_layer(chunk.to(device)))
             p, w = [], []
             for feat, wl in zip(outs, self.weights, strict=True):
-                f = lpips.normalize_tensor(feat).double()  # (n, C, H, W)
+                f = lpips.normalize_tensor(feat).double().cpu()  # (n, C, H, W)
                 hw = f.shape[2] * f.shape[3]
                 p.append(f.flatten(1))
                 w.append((f * wl.view(1, -1, 1, 1) / hw).flatten(1))
@@ -82,31 +84,79 @@ class LpipsGram:
 # ------------------------------------------------------------------ per-class means and uncertainty
 
 
-def per_class_means(
-    pair_matrix: Callable[[np.ndarray, np.ndarray], torch.Tensor],
-    gen_labels: np.ndarray,
-    eval_labels: np.ndarray,
-) -> dict[str, float]:
-    """Mean of `pair_matrix(gen_idx, eval_idx)` over the pairs of each class (generated images of
-    class c x evaluation images of class c): the paper's pairing."""
+def class_bootstrap(
+    matrices: dict[str, list[np.ndarray]], n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, dict[str, float]]:
+    """Mean of per-class pair means, with percentile bootstrap CIs, for paired variants.
+
+    `matrices[variant][k]` is class k's (generated rows x evaluation images) pair matrix; the rows are
+    the same prompts in every variant (same seeds), and a row a variant dropped (QC) is all NaN. Each
+    bootstrap draw resamples, within every class, the prompt rows and the evaluation images, and uses the
+    same draw for every variant, so the CI of the difference (first variant minus second) is paired.
+    A draw is one weighted mean per class and variant (counts @ M @ counts), never a loop over pairs.
+    """
+    names = list(matrices)
+    n_classes = {len(v) for v in matrices.values()}
+    if len(n_classes) != 1:
+        raise ValueError("every variant needs one matrix per class")
+    rng = np.random.default_rng(seed)
+    point = {v: [] for v in names}
+    draws = {v: [] for v in names}
+    for k in range(n_classes.pop()):
+        shapes = {matrices[v][k].shape for v in names}
+        if len(shapes) != 1:
+            raise ValueError(f"class {k}: variants have different pair matrices {sorted(shapes)}")
+        nr, ne = shapes.pop()
+        rows = rng.multinomial(nr, np.full(nr, 1 / nr), size=n_boot).astype(np.float64)
+        cols = rng.multinomial(ne, np.full(ne, 1 / ne), size=n_boot).astype(np.float64)
+        for v in names:
+            m = np.asarray(matrices[v][k], dtype=np.float64)
+            valid = ~np.isnan(m).any(axis=1)
+            point[v].append(m[valid].mean() if valid.any() else np.nan)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                num = np.einsum("bi,ij,bj->b", rows * valid, np.nan_to_num(m), cols)
+                draws[v].append(num / ((rows @ valid) * cols.sum(1)))
     out = {}
-    for c in sorted(set(gen_labels) & set(eval_labels)):
-        gi, ei = np.flatnonzero(gen_labels == c), np.flatnonzero(eval_labels == c)
-        out[c] = float(pair_matrix(gi, ei).mean())
+    q = [(1 - level) / 2, (1 + level) / 2]
+
+    def summary(p: np.ndarray, d: np.ndarray) -> dict[str, float]:
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a draw without a valid row in some class
+            per_draw = np.nanmean(d, axis=0)
+            lo, hi = np.nanquantile(per_draw, q)
+            return {
+                "mean": float(np.nanmean(p)),
+                "lo": float(lo),
+                "hi": float(hi),
+                "classes": int(np.isfinite(p).sum()),
+            }
+
+    for v in names:
+        out[v] = summary(np.array(point[v]), np.array(draws[v]))
+    if len(names) >= 2:
+        a, b = names[:2]
+        out[f"{a} - {b}"] = summary(
+            np.array(point[a]) - np.array(point[b]), np.array(draws[a]) - np.array(draws[b])
+        )
     return out
 
 
 def bootstrap_ci(
     matrix: torch.Tensor, n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, float]:
-    """Mean of a pair matrix and a percentile bootstrap CI that resamples images on both sides."""
-    m = matrix.double().numpy()
-    rng = np.random.default_rng(seed)
-    na, nb = m.shape
-    stats = np.empty(n_boot)
-    for k in range(n_boot):  # each resample: one weighted mean, no pair loop
-        ca = np.bincount(rng.integers(0, na, na), minlength=na)
-        cb = np.bincount(rng.integers(0, nb, nb), minlength=nb)
-        stats[k] = ca @ m @ cb / (na * nb)
-    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return float(m.mean()), float(lo), float(hi)
+    """Mean of one pair matrix and a percentile bootstrap CI that resamples images on both sides."""
+    s = class_bootstrap({"x": [matrix.double().numpy()]}, n_boot, seed, level)["x"]
+    return s["mean"], s["lo"], s["hi"]
+
+
+def block_mean(
+    pair_matrix: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    a: torch.Tensor,
+    b: torch.Tensor,
+    block: int = 4096,
+) -> float:
+    """Mean of `pair_matrix(a, b)` over all pairs, computed in row blocks so memory stays bounded."""
+    total = 0.0
+    for i in range(0, len(a), block):
+        total += float(pair_matrix(a[i : i + block], b).sum())
+    return total / (len(a) * len(b))

@@ -244,3 +244,50 @@ def image_encoder(
         model.config.image_size if kind == "clip" else (224 if source != "tiny" else model.config.image_size)
     )
     return ImageEncoder(kind, model, size, mean, std)
+
+
+# ------------------------------------------------------------------ LPIPS (AlexNet) for Table 1
+
+# lpips' AlexNet trunk keeps torchvision's layer indices inside five slices: features.<k> -> slice<s>.<k>.
+_ALEX_SLICES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3, 6: 3, 7: 3, 8: 4, 9: 4, 10: 5, 11: 5}
+
+
+def lpips_model(source: str = "random", seed: int = 0) -> torch.nn.Module:
+    """LPIPS with the AlexNet trunk and the `lpips` package's learned linear heads (shipped inside it).
+
+    The trunk: "random" = seeded random AlexNet (the offline stand-in: same architecture and size);
+    "torchvision" = torchvision's ImageNet AlexNet (downloaded once into $TORCH_HOME, then offline);
+    a path = those weights as a torchvision AlexNet state dict (.safetensors, or .pth read with
+    weights_only), e.g. `alexnet-owt-7be5be79.pth` copied from a machine that has it.
+    """
+    import warnings
+
+    import lpips
+
+    from geneava.io import load_tensors
+
+    torch.manual_seed(seed)
+    # lpips builds its trunk with torchvision's deprecated `pretrained=` argument; the warning is theirs
+    warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", module=r"torchvision(\..*)?")
+    if source == "torchvision":
+        try:
+            return lpips.LPIPS(net="alex", pnet_rand=False, verbose=False).eval()
+        except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
+            raise RuntimeError(
+                f"torchvision could not load its ImageNet AlexNet ({e}). Copy alexnet-owt-7be5be79.pth into "
+                "$TORCH_HOME/hub/checkpoints, or give its path as evaluate.<profile>.lpips."
+            ) from e
+    model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+    if source == "random":
+        return model
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"LPIPS trunk weights {path} not found: give random, torchvision or a file")
+    state = load_tensors(path)
+    trunk = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "features" and int(parts[1]) in _ALEX_SLICES:
+            trunk[f"slice{_ALEX_SLICES[int(parts[1])]}.{'.'.join(parts[1:])}"] = value
+    model.net.load_state_dict(trunk, strict=True)  # names every missing or unexpected tensor
+    return model

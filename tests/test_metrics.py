@@ -52,13 +52,6 @@ def test_lpips_gram_refuses_other_variants(lpips_model):
         metrics.LpipsGram(lpips.LPIPS(net="alex", pnet_rand=True, lpips=False, verbose=False))
 
 
-def test_per_class_means_pair_within_classes():
-    m = torch.arange(12, dtype=torch.float64).reshape(3, 4)  # rows: generated, cols: evaluation
-    gen, ev = np.array(["a", "b", "a"]), np.array(["a", "b", "b", "a"])
-    means = metrics.per_class_means(lambda gi, ei: m[np.ix_(gi, ei)], gen, ev)
-    assert means == {"a": float(np.mean([0, 3, 8, 11])), "b": float(np.mean([5, 6]))}
-
-
 def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_data():
     rng = np.random.default_rng(0)
     small = torch.from_numpy(rng.normal(0.5, 0.1, (10, 10)))
@@ -68,3 +61,27 @@ def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_data():
     m2, lo2, hi2 = metrics.bootstrap_ci(large, n_boot=300)
     assert hi2 - lo2 < hi - lo
     assert metrics.bootstrap_ci(small, n_boot=300, seed=1) == metrics.bootstrap_ci(small, n_boot=300, seed=1)
+
+
+def test_class_bootstrap_is_paired_and_ignores_dropped_rows():
+    g = np.random.default_rng(0)
+    a = [g.normal(size=(4, 3)) for _ in range(5)]
+    same = metrics.class_bootstrap({"x": a, "y": [m.copy() for m in a]}, n_boot=200)
+    assert same["x - y"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "classes": 5}
+    # a dropped row (NaN) counts neither in the point estimate nor in any draw
+    dropped = [m.copy() for m in a]
+    dropped[0][1] = np.nan
+    out = metrics.class_bootstrap({"x": dropped}, n_boot=200)["x"]
+    expected = np.mean([np.delete(a[0], 1, axis=0).mean(), *(m.mean() for m in a[1:])])
+    assert out["mean"] == pytest.approx(expected, abs=1e-12)
+    assert out["lo"] < out["mean"] < out["hi"]
+    # a real shift between the variants gives a CI of the difference that excludes zero
+    shifted = metrics.class_bootstrap({"x": [m + 0.5 for m in a], "y": a}, n_boot=200)["x - y"]
+    assert shifted["lo"] == pytest.approx(0.5) and shifted["hi"] == pytest.approx(0.5)
+
+
+def test_block_mean_equals_the_full_matrix_mean():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(23, 8, generator=g), torch.randn(11, 8, generator=g)
+    full = metrics.euclidean_matrix(a, b).mean().item()
+    assert metrics.block_mean(metrics.euclidean_matrix, a, b, block=5) == pytest.approx(full, abs=1e-12)

@@ -1,0 +1,436 @@
+"""Table 1 (paper, "Table 1"): CLIP, DINOv2, LPIPS and expression error, fine-tuned vs plain SDXL.
+
+Pairing (ours; the paper only says "average pairwise"): generated images of class c are paired with
+the Emo135 evaluation images of class c, each class's pairs are averaged, and the table reports the
+mean over classes. The all-pairs variant (every generated image with every evaluation image) is
+reported beside it. Both variants render the same prompt rows with the same seeds, so every bootstrap
+draw resamples prompt rows and evaluation images within each class, identically for both: the CI of
+the difference is paired.
+
+Each image is embedded once (CLIP, DINOv2, POSTER; cached on disk by file hash and model), and every
+statistic is a matrix product; LPIPS too (metrics.LpipsGram). For the expression metric, faces in the
+generated images are cropped with the detector first, as the evaluation images were by `prepare`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from geneava import config, metrics, models
+from geneava.data import load_images, read_split
+from geneava.faces import face_detector, square_crop
+from geneava.io import atomic_write_text, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("finetuned", "baseline")
+# metric -> (column title, True if higher is better)
+METRICS = {"clip": ("CLIP", True), "dino": ("DINO", True), "lpips": ("LPIPS", False), "exp": ("Exp.", False)}
+# ../shared/PAPER.md, Table 1 (the paper gives no confidence intervals)
+PAPER_TABLE1 = {
+    "SDXL": {"clip": 0.780, "dino": 0.738, "lpips": 0.658, "exp": 13.1},
+    "GenEAva (ours)": {"clip": 0.799, "dino": 0.742, "lpips": 0.648, "exp": 12.6},
+}
+KEPT = ("pass", "not checked")
+
+
+def stage_params(profile: str | None, params_file: Path | None = None) -> dict:
+    b = config.blocks("models", "evaluate", profile=profile, path=params_file)
+    return {"model_params": b["models"], "params": b["evaluate"]}
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def generated_rows(generate_dir: Path, include: str) -> dict[str, pd.DataFrame]:
+    """Both variants' manifests, aligned on the same prompt rows, with a `use` flag per row:
+    `kept` uses the images that passed QC (the paper), `all` every rendered image."""
+    out = {}
+    for v in VARIANTS:
+        path = Path(generate_dir) / v / "manifest.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run the generate stage first (dvc repro generate)")
+        m = pd.read_csv(path, keep_default_na=False).sort_values("row_id").reset_index(drop=True)
+        m["path"] = [str(Path(generate_dir) / v / f) for f in m["file"]]
+        m["use"] = m["qc"].isin(KEPT) if include == "kept" else True
+        out[v] = m
+    a, b = (out[v]["row_id"].tolist() for v in VARIANTS)
+    if a != b:
+        raise ValueError(
+            f"{generate_dir}: the fine-tuned and baseline manifests hold different prompt rows; "
+            "regenerate both (dvc repro generate)"
+        )
+    return out
+
+
+def _image_tensor(paths: list[str]) -> torch.Tensor:
+    """Images in [-1, 1] at their own (common) size."""
+    from PIL import Image
+
+    with Image.open(paths[0]) as im:
+        size = im.size[0]
+    return load_images(paths, size)
+
+
+# ------------------------------------------------------------------ embeddings, once per image
+
+
+class Embedder:
+    """CLIP, DINOv2 and POSTER embeddings of image files; generated faces are cropped for POSTER."""
+
+    def __init__(self, model_params: dict, params: dict, device, detector=None):
+        seed, local = model_params["seed"], model_params["local_files_only"]
+        self.device = device
+        self.clip = models.image_encoder("clip", params["clip"], seed, local)
+        self.dino = models.image_encoder("dino", params["dino"], seed, local)
+        self.clip.model.to(device)
+        self.dino.model.to(device)
+        self.expression = models.expression_encoder(model_params["expression"], seed).to(device)
+        self.detector = detector or face_detector(
+            params["detector"], params["detector_root"], params["detector_pack"]
+        )
+        self.margin, self.batch = params["crop_margin"], params["batch_size"]
+        self.settings = {
+            "clip": params["clip"],
+            "dino": params["dino"],
+            "expression": model_params["expression"],
+            "seed": seed,
+            "detector": getattr(self.detector, "name", type(self.detector).__name__),
+            "crop_margin": self.margin,
+        }
+
+    def crop_faces(self, paths: list[str], size: int) -> tuple[torch.Tensor, np.ndarray]:
+        """The largest detected face of each image, cropped as `prepare` cropped the Emo135 faces (same
+        margin, same size), so both sets reach POSTER alike; an image without a face is used whole and
+        flagged."""
+        from geneava.data import load_rgb
+
+        crops, found = [], []
+        for p in paths:
+            rgb = np.asarray(load_rgb(Path(p)))
+            faces = self.detector.detect(rgb)
+            if faces:
+                box = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])).box
+                img = square_crop(rgb, box, self.margin, size)
+            else:
+                from PIL import Image
+
+                img = Image.fromarray(rgb).resize((size, size), Image.Resampling.LANCZOS)
+            crops.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
+            found.append(bool(faces))
+        return torch.stack(crops), np.array(found)
+
+    @torch.no_grad()
+    def embed(self, paths: list[str], crop_size: int | None, desc: str) -> dict[str, torch.Tensor]:
+        """Embeddings of image files; with `crop_size`, POSTER sees the detected face at that size."""
+        out = {"clip": [], "dino": [], "exp": [], "face_found": []}
+        for i in tqdm(range(0, len(paths), self.batch), desc=f"embed {desc}", unit="batch"):
+            chunk = paths[i : i + self.batch]
+            x = _image_tensor(chunk)
+            out["clip"].append(self.clip.embed(x))
+            out["dino"].append(self.dino.embed(x))
+            if crop_size:
+                faces, found = self.crop_faces(chunk, crop_size)
+            else:
+                faces, found = x, np.ones(len(chunk), dtype=bool)
+            out["exp"].append(self.expression.embed(faces.to(self.device)).float().cpu())
+            out["face_found"].append(torch.from_numpy(found))
+        return {k: torch.cat(v) for k, v in out.items()}
+
+
+def cached_embeddings(
+    embedder: Embedder, name: str, paths: list[str], hashes: list[str], crop_size: int | None, cache_dir: Path
+) -> dict[str, torch.Tensor]:
+    """`embedder.embed`, reused from `cache_dir/<name>.safetensors` when the files and models match."""
+    from safetensors.torch import load_file, save_file
+
+    key = json.dumps({"files": hashes, "crop": crop_size, **embedder.settings}, sort_keys=True)
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()
+    path = Path(cache_dir) / f"{name}.safetensors"
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == fingerprint:
+                log.info("embeddings of %s: from the cache", name)
+                return load_file(path)
+    emb = embedder.embed(paths, crop_size, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in emb.items()}, tmp, metadata={"fingerprint": fingerprint})
+    tmp.replace(path)  # atomic: a killed run never leaves a half-written cache
+    return emb
+
+
+# ------------------------------------------------------------------ pair matrices per class
+
+
+def _rows_matrix(n_rows: int, use: np.ndarray, block: torch.Tensor) -> np.ndarray:
+    """A (rows x eval) matrix with the used rows filled from `block` and the others NaN."""
+    m = np.full((n_rows, block.shape[1]), np.nan)
+    m[use] = block.numpy()
+    return m
+
+
+def class_matrices(
+    gen: dict[str, pd.DataFrame],
+    gen_emb: dict[str, dict[str, torch.Tensor]],
+    ev: pd.DataFrame,
+    ev_emb: dict[str, torch.Tensor],
+    lpips_gram: metrics.LpipsGram,
+    lpips_size: int,
+) -> tuple[list[str], dict[str, dict[str, list[np.ndarray]]], dict[str, dict[str, float]]]:
+    """Per class, per metric, per variant: the (prompt rows x evaluation images) pair matrix.
+    Also the all-pairs means (every generated image x every evaluation image)."""
+    pair_fn = {"clip": metrics.cosine_matrix, "dino": metrics.cosine_matrix, "exp": metrics.euclidean_matrix}
+    classes = sorted(set(gen[VARIANTS[0]]["expression"]) & set(ev["expression"]))
+    mats = {m: {v: [] for v in VARIANTS} for m in METRICS}
+    # all-pairs LPIPS is linear in the features: mean q(a) + mean q(b) - 2 mean(w a) . mean(b)
+    lp_sums = {v: [0.0, None, 0] for v in (*VARIANTS, "eval")}
+
+    def lp_features(paths: list[str]):
+        x = load_images(paths, lpips_size)
+        return lpips_gram.features(x)
+
+    def accumulate(key: str, feats, weighted_side: bool):
+        plain, weighted = feats
+        s = lp_sums[key]
+        s[0] += float((plain * weighted).sum())
+        vec = (weighted if weighted_side else plain).sum(0)
+        s[1] = vec if s[1] is None else s[1] + vec
+        s[2] += len(plain)
+
+    ev_idx = {c: np.flatnonzero(ev["expression"].to_numpy() == c) for c in sorted(set(ev["expression"]))}
+    for c, ei in tqdm(ev_idx.items(), desc="LPIPS per class", unit="class"):
+        ev_feats = lp_features(ev["path"].iloc[ei].tolist())
+        accumulate("eval", ev_feats, weighted_side=False)
+        if c not in classes:
+            continue
+        for v in VARIANTS:
+            g = gen[v]
+            rows = np.flatnonzero(g["expression"].to_numpy() == c)
+            use = g["use"].to_numpy()[rows]
+            pos = g.loc[g["use"], :].index.get_indexer(g.index[rows][use])  # row -> index in gen_emb
+            for m, fn in pair_fn.items():
+                block = fn(gen_emb[v][m][pos], ev_emb[m][ei])
+                mats[m][v].append(_rows_matrix(len(rows), use, block))
+            if use.any():
+                feats = lp_features(g["path"].iloc[rows[use]].tolist())
+                accumulate(v, feats, weighted_side=True)
+                block = metrics.LpipsGram.pairs(feats, ev_feats)
+            else:
+                block = torch.empty(0, len(ei), dtype=torch.float64)
+            mats["lpips"][v].append(_rows_matrix(len(rows), use, block))
+
+    all_pairs = {}
+    q_ev, sum_ev, n_ev = lp_sums["eval"]
+    for v in VARIANTS:
+        used = gen_emb[v]
+        q_g, sum_g, n_g = lp_sums[v]
+        all_pairs[v] = {
+            "clip": metrics.block_mean(metrics.cosine_matrix, used["clip"], ev_emb["clip"]),
+            "dino": metrics.block_mean(metrics.cosine_matrix, used["dino"], ev_emb["dino"]),
+            "exp": metrics.block_mean(metrics.euclidean_matrix, used["exp"], ev_emb["exp"]),
+            # generated images of classes without evaluation images are left out of every variant
+            "lpips": q_g / n_g + q_ev / n_ev - 2 * float(sum_g @ sum_ev) / (n_g * n_ev)
+            if n_g
+            else float("nan"),
+        }
+    return classes, mats, all_pairs
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def evaluate(
+    model_params: dict, params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, detector=None
+) -> dict:
+    """Table 1 with bootstrap CIs: writes metrics.json, table1.md/.tex, per_class.csv and report.json."""
+    out_dir = Path(out_dir)
+    device = PartialState(cpu=not torch.cuda.is_available()).device
+    gen = generated_rows(generate_dir, params["include"])
+    ev = read_split(prepare_dir, "eval")
+    if ev.empty:
+        raise ValueError(f"{prepare_dir}: the evaluation split is empty; run the prepare stage")
+    embedder = Embedder(model_params, params, device, detector)
+    cache = out_dir / "embeddings"
+    ev_emb = cached_embeddings(embedder, "eval", ev["path"].tolist(), ev["sha256"].tolist(), None, cache)
+    crop_size = _image_tensor(ev["path"].iloc[:1].tolist()).shape[-1]  # prepare's crop size
+    gen_emb = {}
+    for v in VARIANTS:
+        used = gen[v][gen[v]["use"]]
+        if used.empty:
+            raise ValueError(
+                f"no {v} image passed QC, so Table 1 has nothing to compare. Render more rows "
+                "(generate.<profile>.limit), or set evaluate.<profile>.include: all"
+            )
+        gen_emb[v] = cached_embeddings(
+            embedder, v, used["path"].tolist(), used["sha256"].tolist(), crop_size, cache
+        )
+
+    torch.manual_seed(model_params["seed"])
+    gram = metrics.LpipsGram(models.lpips_model(params["lpips"], model_params["seed"]))
+    classes, mats, all_pairs = class_matrices(gen, gen_emb, ev, ev_emb, gram, params["lpips_size"])
+    if not classes:
+        raise ValueError("no expression class has both generated and evaluation images")
+
+    table = {
+        m: metrics.class_bootstrap(mats[m], params["n_boot"], params["seed"], params["level"])
+        for m in METRICS
+    }
+    diff = f"{VARIANTS[0]} - {VARIANTS[1]}"
+    result = {
+        "per_class_pairs": {
+            name: {m: {k: table[m][key][k] for k in ("mean", "lo", "hi")} for m in METRICS}
+            for name, key in (*((v, v) for v in VARIANTS), ("difference", diff))
+        },
+        "all_pairs": all_pairs,
+        "classes": len(classes),
+        "level": params["level"],
+    }
+    write_json(out_dir / "metrics.json", result)
+    per_class = per_class_table(classes, mats)
+    write_csv(out_dir / "per_class.csv", per_class)
+    atomic_write_text(out_dir / "table1.md", table_markdown(result))
+    atomic_write_text(out_dir / "table1.tex", table_latex(result))
+    report = {
+        "pairing": "per expression class (generated of class c x evaluation of class c), mean over classes; "
+        "all-pairs beside it",
+        "include": params["include"],
+        "images": {v: int(gen[v]["use"].sum()) for v in VARIANTS} | {"eval": len(ev)},
+        "qc_failed_but_used": {v: int((gen[v]["use"] & ~gen[v]["qc"].isin(KEPT)).sum()) for v in VARIANTS},
+        "faces_not_found_for_exp": {v: int((~gen_emb[v]["face_found"]).sum()) for v in VARIANTS},
+        "classes": classes,
+        "models": embedder.settings | {"lpips": params["lpips"], "lpips_size": params["lpips_size"]},
+        "bootstrap": {"n_boot": params["n_boot"], "level": params["level"], "seed": params["seed"]},
+    }
+    write_json(out_dir / "report.json", report)
+    return {"result": result, "per_class": per_class, "report": report}
+
+
+def run(
+    profile: str | None, prepare_dir: Path, generate_dir: Path, out_dir: Path, params_file: Path | None = None
+):
+    return evaluate(
+        **stage_params(profile, params_file),
+        prepare_dir=prepare_dir,
+        generate_dir=generate_dir,
+        out_dir=out_dir,
+    )
+
+
+# ------------------------------------------------------------------ tables and figures
+
+
+def per_class_table(classes: list[str], mats: dict) -> pd.DataFrame:
+    """One row per class: each metric per variant and the difference (fine-tuned minus baseline)."""
+    df = pd.DataFrame({"expression": classes})
+    for m in METRICS:
+        for v in VARIANTS:
+            with np.errstate(invalid="ignore"):
+                df[f"{m}_{v}"] = [np.nanmean(x) if np.isfinite(x).any() else np.nan for x in mats[m][v]]
+        df[f"{m}_difference"] = df[f"{m}_{VARIANTS[0]}"] - df[f"{m}_{VARIANTS[1]}"]
+    return df
+
+
+def _cell(s: dict, digits: int = 3) -> str:
+    return f"{s['mean']:.{digits}f} [{s['lo']:.{digits}f}, {s['hi']:.{digits}f}]"
+
+
+def _rows(result: dict) -> list[tuple[str, list[str]]]:
+    t = result["per_class_pairs"]
+    names = {"baseline": "SDXL (baseline)", "finetuned": "GenEAva (fine-tuned)"}
+    rows = [(names[v], [_cell(t[v][m]) for m in METRICS]) for v in ("baseline", "finetuned")]
+    diff = t["difference"]  # fine-tuned minus baseline
+    rows.append(("Δ fine-tuned − baseline", [_cell(diff[m], 4) for m in METRICS]))
+    rows += [
+        (f"all pairs: {names[v]}", [f"{result['all_pairs'][v][m]:.3f}" for m in METRICS])
+        for v in ("baseline", "finetuned")
+    ]
+    return rows
+
+
+def table_markdown(result: dict) -> str:
+    head = [f"{t} {'↑' if up else '↓'}" for t, up in METRICS.values()]
+    level = round(100 * result["level"])
+    lines = [
+        f"Table 1: mean over {result['classes']} classes of per-class pairwise means, "
+        f"[{level}% bootstrap CI].",
+        "",
+        "| Model | " + " | ".join(head) + " |",
+        "|---" * (len(head) + 1) + "|",
+    ]
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in _rows(result)]
+    lines += [
+        f"| paper: {k} | " + " | ".join(f"{v[m]:g}" for m in METRICS) + " |" for k, v in PAPER_TABLE1.items()
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def table_latex(result: dict) -> str:
+    arrows = {True: "$\\uparrow$", False: "$\\downarrow$"}
+    head = [f"{t} {arrows[up]}" for t, up in METRICS.values()]
+    lines = [
+        "\\begin{tabular}{l" + "c" * len(head) + "}",
+        "\\toprule",
+        "Model & " + " & ".join(head) + " \\\\",
+        "\\midrule",
+    ]
+    for name, cells in _rows(result):
+        name = name.replace("Δ", "$\\Delta$").replace("−", "$-$")
+        lines.append(f"{name} & " + " & ".join(cells) + " \\\\")
+    lines.append("\\midrule")
+    lines += [
+        f"Paper: {k} & " + " & ".join(f"{v[m]:g}" for m in METRICS) + " \\\\" for k, v in PAPER_TABLE1.items()
+    ]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def beside_paper(result: dict) -> pd.DataFrame:
+    """Our means next to the paper's numbers (rows: model, source; columns: metrics)."""
+    t = result["per_class_pairs"]
+    rows = []
+    for ours, theirs in (("baseline", "SDXL"), ("finetuned", "GenEAva (ours)")):
+        rows.append({"model": theirs, "source": "this run", **{m: t[ours][m]["mean"] for m in METRICS}})
+        rows.append({"model": theirs, "source": "paper", **PAPER_TABLE1[theirs]})
+    return pd.DataFrame(rows).set_index(["model", "source"])
+
+
+def plot_per_class(per_class: pd.DataFrame, save_to: Path | None = None):
+    """Heatmap of the per-class improvement of the fine-tuned model (positive = better), per metric
+    scaled by its largest absolute value, annotated with the raw differences."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    diff = per_class.set_index("expression")[[f"{m}_difference" for m in METRICS]]
+    diff.columns = [METRICS[m][0] for m in METRICS]
+    better = diff * [1 if up else -1 for _, up in METRICS.values()]
+    scale = better.abs().max().replace(0, 1)
+    fig, ax = plt.subplots(figsize=(6, max(3, 0.22 * len(diff) + 1.5)))
+    sns.heatmap(
+        better / scale,
+        annot=diff,
+        fmt=".3f",
+        cmap="RdBu",
+        center=0,
+        vmin=-1,
+        vmax=1,
+        ax=ax,
+        cbar_kws={"label": "improvement over the baseline (scaled per metric)"},
+        annot_kws={"size": 6},
+    )
+    ax.set(title="Fine-tuned − baseline per expression", xlabel="", ylabel="")
+    fig.tight_layout()
+    if save_to:
+        fig.savefig(save_to, dpi=120)
+    return fig

@@ -1,0 +1,156 @@
+"""The evaluate stage on a set where the right answer is known: the "fine-tuned" images are copies of
+the evaluation images of their own class, the "baseline" images copies of another class's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from geneava import evaluate, metrics, models
+from geneava.data import load_images, read_split
+from geneava.io import sha256_file, write_csv
+from tests.conftest import WholeImage
+
+
+def fake_generation(prepared: Path, out: Path, qc: dict[str, str] | None = None) -> Path:
+    """finetuned row k of class c = eval image k of c; baseline row k of c = eval image k of c's neighbour."""
+    ev = read_split(prepared, "eval")
+    classes = sorted(ev["expression"].unique())
+    for variant, shift in (("finetuned", 0), ("baseline", 1)):
+        rows = []
+        for i, c in enumerate(classes):
+            src = ev[ev["expression"] == classes[(i + shift) % len(classes)]]
+            for k, path in enumerate(src["path"]):
+                file = f"images/{c}/{k}.png"
+                (out / variant / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, out / variant / file)
+                rows.append(
+                    {
+                        "row_id": f"{c}|{k}",
+                        "expression": c,
+                        "file": file,
+                        "qc": (qc or {}).get(variant, "pass"),
+                        "sha256": sha256_file(out / variant / file),
+                    }
+                )
+        write_csv(out / variant / "manifest.csv", pd.DataFrame(rows))
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_params(default) -> dict:
+    # crop_margin 0 with the whole-image detector double: the crop is the image itself
+    return dict(default["evaluate"], include="kept", n_boot=300, crop_margin=0.0)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, prepared, default, eval_params):
+    gen = fake_generation(prepared, tmp_path_factory.mktemp("gen"))
+    out = tmp_path_factory.mktemp("evaluate")
+    result = evaluate.evaluate(default["models"], eval_params, prepared, gen, out, detector=WholeImage())
+    return gen, out, result
+
+
+def test_a_shuffled_set_moves_every_metric_the_right_way(evaluated):
+    _, out, ev = evaluated
+    t = ev["result"]["per_class_pairs"]
+    for m, (_, higher_is_better) in evaluate.METRICS.items():
+        d = t["difference"][m]
+        if higher_is_better:
+            assert t["finetuned"][m]["mean"] > t["baseline"][m]["mean"] and d["lo"] > 0, m
+        else:
+            assert t["finetuned"][m]["mean"] < t["baseline"][m]["mean"] and d["hi"] < 0, m
+        for v in evaluate.VARIANTS:
+            assert t[v][m]["lo"] <= t[v][m]["mean"] <= t[v][m]["hi"]
+    assert json.loads((out / "metrics.json").read_text()) == ev["result"]
+    assert (out / "table1.md").read_text().count("|") > 30 and "GenEAva (fine-tuned)" in (
+        out / "table1.md"
+    ).read_text()
+    assert (out / "table1.tex").read_text().startswith("\\begin{tabular}")
+    assert len(ev["per_class"]) == 12 and (ev["per_class"]["exp_difference"] < 0).all()
+
+
+def test_identical_images_score_perfectly_on_matching_pairs(evaluated, prepared, default, eval_params):
+    gen, _, _ = evaluated
+    rows = evaluate.generated_rows(gen, "kept")
+    ev = read_split(prepared, "eval")
+    embedder = evaluate.Embedder(default["models"], eval_params, torch.device("cpu"), WholeImage())
+    emb_ev = embedder.embed(ev["path"].tolist(), None, "eval")
+    emb_gen = {v: embedder.embed(rows[v]["path"].tolist(), 64, v) for v in evaluate.VARIANTS}
+    gram = metrics.LpipsGram(models.lpips_model("random", 0))
+    classes, mats, all_pairs = evaluate.class_matrices(rows, emb_gen, ev, emb_ev, gram, 64)
+    for k in range(len(classes)):  # generated row j of class c is evaluation image j of class c
+        assert np.diagonal(mats["clip"]["finetuned"][k]) == pytest.approx(1, abs=1e-5)
+        assert np.diagonal(mats["dino"]["finetuned"][k]) == pytest.approx(1, abs=1e-5)
+        assert np.abs(np.diagonal(mats["lpips"]["finetuned"][k])).max() < 1e-6
+        assert np.abs(np.diagonal(mats["exp"]["finetuned"][k])).max() < 1e-5
+    # the all-pairs LPIPS (linear in the features) equals the mean of the full Gram matrix
+    full = metrics.LpipsGram.pairs(
+        gram.features(load_images(rows["finetuned"]["path"].tolist(), 64)),
+        gram.features(load_images(ev["path"].tolist(), 64)),
+    )
+    assert all_pairs["finetuned"]["lpips"] == pytest.approx(full.mean().item(), abs=1e-9)
+
+
+def test_embeddings_are_cached_by_file_and_model(
+    evaluated, prepared, default, eval_params, monkeypatch, tmp_path
+):
+    gen, out, first = evaluated
+    cache = tmp_path / "out" / "embeddings"
+    shutil.copytree(out / "embeddings", cache)
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded again despite a valid cache")
+
+    monkeypatch.setattr(evaluate.Embedder, "embed", no_embedding)
+    again = evaluate.evaluate(
+        default["models"], eval_params, prepared, gen, tmp_path / "out", detector=WholeImage()
+    )
+    assert again["result"] == first["result"]
+    # another model invalidates the cache
+    with pytest.raises(AssertionError, match="embedded again"):
+        evaluate.evaluate(
+            dict(default["models"], seed=1),
+            eval_params,
+            prepared,
+            gen,
+            tmp_path / "out",
+            detector=WholeImage(),
+        )
+
+
+def test_qc_failures_are_left_out_and_a_variant_without_images_is_an_error(
+    prepared, default, eval_params, tmp_path
+):
+    gen = fake_generation(prepared, tmp_path / "gen", qc={"baseline": "no face"})
+    with pytest.raises(ValueError, match="include: all"):
+        evaluate.evaluate(
+            default["models"], eval_params, prepared, gen, tmp_path / "out", detector=WholeImage()
+        )
+    kept = evaluate.generated_rows(gen, "all")
+    assert kept["baseline"]["use"].all()
+    m = pd.read_csv(gen / "baseline" / "manifest.csv")
+    write_csv(gen / "baseline" / "manifest.csv", m.iloc[1:])
+    with pytest.raises(ValueError, match="different prompt rows"):
+        evaluate.generated_rows(gen, "all")
+
+
+def test_lpips_trunk_loads_from_a_torchvision_state_dict(tmp_path):
+    from safetensors.torch import save_file
+    from torchvision.models import alexnet
+
+    torch.manual_seed(3)
+    state = {k: v for k, v in alexnet().state_dict().items() if k.startswith("features.")}
+    save_file(state, tmp_path / "alexnet.safetensors")
+    model = models.lpips_model(str(tmp_path / "alexnet.safetensors"))
+    assert torch.equal(getattr(model.net.slice2, "3").weight, state["features.3.weight"])
+    assert torch.equal(getattr(model.net.slice5, "10").bias, state["features.10.bias"])
+    save_file({"features.0.weight": state["features.0.weight"]}, tmp_path / "partial.safetensors")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        models.lpips_model(str(tmp_path / "partial.safetensors"))
