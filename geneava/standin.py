@@ -153,6 +153,25 @@ def render_face(a: dict, size: int = DEFAULT_SIZE, supersample: int = 4) -> Imag
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
+IDENTITY_FIELDS = ("gender", "skin_tone", "hair_colour", "hair_length", "face_width", "face_height", "age")
+
+
+def identity_pairs(n: int, seed: int = 0, size: int = 2 * DEFAULT_SIZE):
+    """`n` labelled pairs of rendered faces, half of one identity under two expressions, half of two
+    identities under one expression: the stand-in world's verification pairs (identities are exact here).
+    Yields (image a, image b, same identity)."""
+    classes = emo135.classes()
+    rng = np.random.default_rng([13, seed])
+    for k in range(n):
+        e1, e2 = (classes[i] for i in rng.choice(len(classes), 2, replace=False))
+        a = sample_attributes(e1, 10_000 + 2 * k)
+        if k % 2 == 0:  # same identity, another class's expression
+            b = {**sample_attributes(e2, 10_000 + 2 * k + 1), **{f: a[f] for f in IDENTITY_FIELDS}}
+        else:  # another identity, the same expression
+            b = {**sample_attributes(e1, 10_000 + 2 * k + 1), **{f: a[f] for f in EXPRESSION_FIELDS}}
+        yield render_face(a, size), render_face(b, size), k % 2 == 0
+
+
 def render_hard_case(kind: str, a: dict, b: dict, size: int) -> Image.Image:
     """Files the prepare stage must drop: `empty` (background only) or `pair` (two faces)."""
     if kind == "empty":

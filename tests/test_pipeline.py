@@ -93,6 +93,25 @@ def test_repro_runs_every_stage_through_papermill(clone):
             and m["qc"].isin(["pass", "no face", "several faces", "face too close"]).all()
         )
         assert len(list((clone / f"outputs/generate/{variant}/images").rglob("*.png"))) == 8
+    # Table 1 with CIs, readable by `dvc metrics show`
+    shown = _run([BIN / "dvc", "metrics", "show", "--json"], clone).stdout
+    table = json.loads(shown)
+    table = next(iter(table.values()))["data"]["outputs/evaluate/metrics.json"]["data"]["per_class_pairs"]
+    for variant in ("finetuned", "baseline", "difference"):
+        for m in ("clip", "dino", "lpips", "exp"):
+            s = table[variant][m]
+            assert s["lo"] <= s["mean"] <= s["hi"], (variant, m, s)
+    assert "GenEAva (fine-tuned)" in (clone / "outputs/evaluate/table1.md").read_text()
+    # the identity audit ran a real identity model and derived a threshold from labelled pairs
+    memo = json.loads((clone / "outputs/memorization/metrics.json").read_text())
+    assert memo["identity_model"] in ("dlib-resnet-128", "arcface (buffalo_l)")
+    assert memo["generated_images"] == 8 and memo["finetune"]["images"] == 135 * prep["finetune_per_class"]
+    assert (
+        memo["derived"]["pairs"]
+        == yaml.safe_load((clone / "params.yaml").read_text())["memorization"]["default"]["derive_pairs"]
+    )
+    removal = pd.read_csv(clone / "outputs/memorization/removal.csv")
+    assert set(removal.columns) >= {"row_id", "file", "reference_set", "rule"}
 
 
 def test_everything_up_to_date_and_second_repro_is_a_no_op(clone):
@@ -113,7 +132,9 @@ def test_everything_up_to_date_and_second_repro_is_a_no_op(clone):
         (("prepare", "default", "seed"), 1, {"prepare"}),
         (("prompts", "default", "negative"), "blurry", {"finetune", "generate"}),
         (("finetune", "paper", "lr"), 2.0e-6, set()),  # another profile's value touches nothing here
-        (("profile",), "paper", {"prepare", "finetune", "generate"}),
+        (("evaluate", "default", "n_boot"), 500, {"evaluate"}),
+        (("memorization", "default", "threshold"), 0.7, {"memorization"}),
+        (("profile",), "paper", {"prepare", "finetune", "generate", "evaluate", "memorization"}),
     ],
 )
 def test_a_param_change_marks_only_its_stages(clone, path, value, changed):
@@ -126,6 +147,11 @@ def test_a_param_change_marks_only_its_stages(clone, path, value, changed):
     assert _status(clone) == set()
 
 
+# stages reading generated images; they rerun when the images change (their embedding caches are
+# `persist: true` too), and their caches keep reruns cheap: only changed images are embedded again
+AFTER_GENERATE = {"evaluate", "memorization"}
+
+
 def _ran(log: str) -> set[str]:
     return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")}
 
@@ -133,17 +159,17 @@ def _ran(log: str) -> set[str]:
 def test_repro_after_a_change_reruns_that_stage_and_what_follows(clone):
     original = _edit(clone, ("finetune", "default", "lr"), 2.0e-4)
     try:
-        assert _ran(_run([BIN / "dvc", "repro"], clone).stdout) == {"finetune", "generate"}
+        assert _ran(_run([BIN / "dvc", "repro"], clone).stdout) == {"finetune", "generate", *AFTER_GENERATE}
     finally:
         (clone / "params.yaml").write_text(original)
     # back to the original values: both stages run again, because their resumable outputs
     # (checkpoints, images) are `persist: true`, which DVC keeps out of its run cache; training is
     # deterministic, so the results are the pinned ones again
-    assert _ran(_run([BIN / "dvc", "repro"], clone).stdout) == {"finetune", "generate"}
+    assert _ran(_run([BIN / "dvc", "repro"], clone).stdout) == {"finetune", "generate", *AFTER_GENERATE}
     assert _status(clone) == set()
     original = _edit(clone, ("generate", "default", "guidance_scale"), 3.0)
     try:
-        assert _ran(_run([BIN / "dvc", "repro"], clone).stdout) == {"generate"}
+        assert _ran(_run([BIN / "dvc", "repro"], clone).stdout) == {"generate", *AFTER_GENERATE}
     finally:
         (clone / "params.yaml").write_text(original)
     _run([BIN / "dvc", "repro"], clone)

@@ -1,0 +1,388 @@
+"""Identity memorization audit (paper, "Identity memorization").
+
+Every generated face (fine-tuned model) is compared with every fine-tuning image and with a reference
+set of other people (CelebA in the paper: one random image per identity) by identity embedding; each
+generated face's nearest neighbour in each set is found by blocked matrix products. Calls of "same
+identity" are counted under every rule that applies:
+- `paper`: cosine similarity > threshold (0.68), as the paper states it;
+- `deepface`: the same number read as deepface does, a cosine *distance* (similarity >= 1 - 0.68);
+- `model`: the identity model's own rule where it has one (dlib: Euclidean distance < 0.6);
+- `derived`: a threshold found from labelled same/different pairs by the C4.5 information-gain-ratio
+  split (LightFace), when `derive` names pairs.
+Generated images called the same as anyone under `removal_rule` go to `removal.csv`, which the release
+honours; `review.csv` lists the closest pairs for a human check (the paper's 50 + 50).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from geneava import config, identity, standin
+from geneava.data import read_split
+from geneava.io import atomic_write_text, cached_tensors, save_png, sha256_file, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+KEPT = ("pass", "not checked")
+
+
+def stage_params(profile: str | None, params_file: Path | None = None) -> dict:
+    return config.stage_params("memorization", profile, params_file)
+
+
+# ------------------------------------------------------------------ the image sets
+
+
+def generated_set(generate_dir: Path, include: str) -> pd.DataFrame:
+    """The fine-tuned model's images (the dataset to be released): QC-passed ones, or all."""
+    path = Path(generate_dir) / "finetuned" / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the generate stage first (dvc repro generate)")
+    m = pd.read_csv(path, keep_default_na=False)
+    if include == "kept":
+        m = m[m["qc"].isin(KEPT)]
+    m = m.reset_index(drop=True)
+    m["path"] = [str(Path(generate_dir) / "finetuned" / f) for f in m["file"]]
+    return m
+
+
+def reference_set(params: dict, prepare_dir: Path, root: Path) -> tuple[pd.DataFrame, str]:
+    """The reference people: a local CelebA (one seeded random image per identity when the identity file
+    is given), or, without one, the Emo135 evaluation split. Returns (rows with `path`, description)."""
+    if params["reference"] is None:
+        ev = read_split(prepare_dir, "eval")
+        return ev[["path", "sha256"]].assign(
+            name=ev["file"]
+        ), "Emo135 evaluation split (no reference set given)"
+    folder = (root / Path(params["reference"]).expanduser()).resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"memorization reference folder {folder} not found: point memorization.<profile>.reference at a "
+            "local CelebA img_align_celeba folder, or set it to null"
+        )
+    if params["reference_identities"]:
+        ids_file = (root / Path(params["reference_identities"]).expanduser()).resolve()
+        ids = pd.read_csv(ids_file, sep=r"\s+", header=None, names=["name", "identity"], dtype=str)
+        ids = ids[[(folder / n).is_file() for n in ids["name"]]]
+        if ids.empty:
+            raise ValueError(f"{ids_file}: none of its images is in {folder}")
+        # one random image per identity (the paper: 10,177 identities, one image each)
+        ids = (
+            ids.sample(frac=1.0, random_state=params["seed"]).drop_duplicates("identity").sort_values("name")
+        )
+        names = ids["name"].tolist()
+        what = f"{folder} ({len(names)} identities, one image each)"
+    else:
+        names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        what = f"{folder} ({len(names)} images)"
+    if params["reference_limit"]:
+        names = names[: params["reference_limit"]]
+    rows = pd.DataFrame({"name": names, "path": [str(folder / n) for n in names]})
+    rows["sha256"] = [sha256_file(Path(p)) for p in rows["path"]]
+    return rows, what
+
+
+def labelled_pairs(params: dict, root: Path, out_dir: Path) -> pd.DataFrame | None:
+    """Same/different identity pairs for the derived threshold: rendered from the stand-in world
+    (identities known exactly), or read from a CSV with columns path_a, path_b, same."""
+    source = params["derive"]
+    if source == "none":
+        return None
+    if source == "standin":
+        folder = Path(out_dir) / "pairs"
+        rows = []
+        for k, (a, b, same) in enumerate(standin.identity_pairs(params["derive_pairs"], params["seed"])):
+            pa, pb = folder / f"{k:04d}_a.png", folder / f"{k:04d}_b.png"
+            save_png(pa, a)
+            save_png(pb, b)
+            rows.append({"path_a": str(pa), "path_b": str(pb), "same": same})
+        return pd.DataFrame(rows)
+    csv = (root / Path(source).expanduser()).resolve()
+    if not csv.is_file():
+        raise FileNotFoundError(f"labelled pairs {csv} not found (memorization.<profile>.derive)")
+    pairs = pd.read_csv(csv)
+    missing = {"path_a", "path_b", "same"} - set(pairs.columns)
+    if missing:
+        raise ValueError(f"{csv}: missing columns {sorted(missing)} (need path_a, path_b, same)")
+    for col in ("path_a", "path_b"):
+        pairs[col] = [str((csv.parent / p).resolve()) for p in pairs[col]]
+    pairs["same"] = pairs["same"].astype(str).str.lower().isin(["1", "true", "yes"])
+    return pairs
+
+
+# ------------------------------------------------------------------ the audit
+
+
+def embeddings(model, name: str, rows: pd.DataFrame, cache_dir: Path) -> dict[str, torch.Tensor]:
+    """Identity embeddings of a set, cached by file hashes and model."""
+    key = {"files": rows["sha256"].tolist(), "model": model.name}
+    return cached_tensors(
+        Path(cache_dir) / f"{name}.safetensors",
+        key,
+        lambda: identity.embed_files(model, rows["path"].tolist(), name),
+    )
+
+
+def derive_threshold(model, pairs: pd.DataFrame, cache_dir: Path) -> dict:
+    """The C4.5 split on the labelled pairs' cosine similarities (and distances, for the model's rule)."""
+    files = sorted(set(pairs["path_a"]) | set(pairs["path_b"]))
+    rows = pd.DataFrame({"path": files, "sha256": [sha256_file(Path(f)) for f in files]})
+    emb = embeddings(model, "pairs", rows, cache_dir)["embedding"].double()
+    pos = {f: i for i, f in enumerate(files)}
+    a = emb[[pos[f] for f in pairs["path_a"]]]
+    b = emb[[pos[f] for f in pairs["path_b"]]]
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1).numpy()
+    same = pairs["same"].to_numpy()
+    out = {
+        "pairs": len(pairs),
+        "same_pairs": int(same.sum()),
+        "mean_similarity_same": float(cos[same].mean()),
+        "mean_similarity_different": float(cos[~same].mean()),
+        "accuracy_at_paper_0.68": float(((cos > 0.68) == same).mean()),
+        "accuracy_at_deepface_0.32": float(((cos >= 0.32) == same).mean()),
+    }
+    try:
+        t, ratio = identity.gain_ratio_threshold(cos, same)
+    except ValueError as e:  # reported, not fatal: the audit's other rules still apply
+        log.warning("no derived threshold: %s", e)
+        return out | {"threshold": None, "error": str(e)}
+    return out | {"threshold": t, "gain_ratio": ratio, "accuracy": float(((cos >= t) == same).mean())}
+
+
+def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, root: Path, model=None) -> dict:
+    """Nearest neighbours of every generated face in the fine-tuning and reference sets, the counts under
+    every rule, the removal list and the review sheet. Writes into `out_dir`."""
+    out_dir = Path(out_dir)
+    model = model or identity.identity_model(
+        params["identity"], params["identity_root"], params["identity_pack"]
+    )
+    cache = out_dir / "embeddings"
+    gen = generated_set(generate_dir, params["include"])
+    if gen.empty:
+        raise ValueError(
+            "no generated image to audit (none passed QC): render more rows, or set "
+            "memorization.<profile>.include: all"
+        )
+    ft = read_split(prepare_dir, "finetune")
+    ref, ref_what = reference_set(params, prepare_dir, root)
+    sets = {"finetune": ft.assign(name=ft["file"]), "reference": ref}
+    for name, rows in sets.items():
+        if rows.empty:
+            raise ValueError(f"the {name} set is empty: nothing to compare the generated faces with")
+    emb_gen = embeddings(model, "generated", gen, cache)
+    emb = {k: embeddings(model, k, rows, cache) for k, rows in sets.items()}
+
+    derived = None
+    pairs = labelled_pairs(params, root, out_dir)
+    if pairs is not None:
+        derived = derive_threshold(model, pairs, cache)
+
+    t = params["threshold"]
+    own = model.own_rule
+    nn = gen[["row_id", "file", "expression"]].copy()
+    nn["face_found"] = emb_gen["face_found"].numpy()
+    summary, flagged = {}, []
+    for name, rows in sets.items():
+        sim, idx = identity.nearest(emb_gen["embedding"], emb[name]["embedding"], "cosine", params["block"])
+        nn[f"{name}_similarity"] = sim.numpy()
+        nn[f"{name}_match"] = rows["name"].to_numpy()[idx.numpy()]
+        nn[f"{name}_match_path"] = rows["path"].to_numpy()[idx.numpy()]
+        calls = identity.verdicts(sim, t)
+        if own is not None:
+            dist, didx = identity.nearest(
+                emb_gen["embedding"], emb[name]["embedding"], "euclidean", params["block"]
+            )
+            nn[f"{name}_distance"] = dist.numpy()
+            calls["model"] = dist < own[1]
+        if derived is not None and derived["threshold"] is not None:
+            calls["derived"] = sim >= derived["threshold"]
+        for rule, call in calls.items():
+            nn[f"{name}_same_{rule}"] = call.numpy()
+        summary[name] = {
+            "images": len(rows),
+            "mean_nn_similarity": float(sim.mean()),
+            "max_nn_similarity": float(sim.max()),
+            **{f"same_{rule}": int(call.sum()) for rule, call in calls.items()},
+        }
+    rule = params["removal_rule"]
+    if rule == "auto":
+        rule = "model" if own is not None else "paper"
+    if f"finetune_same_{rule}" not in nn:
+        raise ValueError(
+            f"memorization removal_rule '{rule}' does not apply here (identity model {model.name}, "
+            f"derive: {params['derive']}); use one of paper, deepface" + (", model" if own else "")
+        )
+    for name in sets:
+        hit = nn[nn[f"{name}_same_{rule}"]]
+        flagged.append(
+            pd.DataFrame(
+                {
+                    "row_id": hit["row_id"],
+                    "file": hit["file"],
+                    "reference_set": name,
+                    "match": hit[f"{name}_match"],
+                    "similarity": hit[f"{name}_similarity"],
+                    "rule": rule,
+                }
+            )
+        )
+    removal = pd.concat(flagged, ignore_index=True).sort_values(["row_id", "reference_set"])
+    write_csv(out_dir / "nearest.csv", nn.drop(columns=[c for c in nn if c.endswith("_match_path")]))
+    write_csv(out_dir / "removal.csv", removal)
+    write_csv(out_dir / "review.csv", review_pairs(nn, list(sets), params["review_pairs"]))
+    write_csv(out_dir / "nn_histogram.csv", histogram(nn, list(sets)))
+    metrics = {
+        "identity_model": model.name,
+        "threshold": t,
+        "removal_rule": rule,
+        "removed_images": int(removal["row_id"].nunique()),
+        "generated_images": len(gen),
+        **summary,
+        **({"derived": derived} if derived else {}),
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    report = {
+        "identity_model": model.name,
+        "model_rule": f"{own[0]} distance < {own[1]}" if own else None,
+        "include": params["include"],
+        "reference": ref_what,
+        "faces_not_found": {
+            "generated": int((~emb_gen["face_found"]).sum()),
+            **{k: int((~e["face_found"]).sum()) for k, e in emb.items()},
+        },
+        "rules": {
+            "paper": f"cosine similarity > {t}",
+            "deepface": f"cosine distance <= {t} (similarity >= {1 - t:.2f})",
+            **({"model": f"{own[0]} distance < {own[1]}"} if own else {}),
+            **(
+                {"derived": f"cosine similarity >= {derived['threshold']:.4f} (C4.5 split)"}
+                if derived
+                else {}
+            ),
+        },
+        "paper": {"finetune_mean_nn_similarity": 0.39, "reference_mean_nn_similarity": 0.47, "above_0.68": 0},
+    }
+    write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "summary.md", summary_markdown(metrics, report))
+    return {"nearest": nn, "removal": removal, "metrics": metrics, "report": report}
+
+
+def run(
+    profile: str | None, prepare_dir: Path, generate_dir: Path, out_dir: Path, params_file: Path | None = None
+):
+    root = config.project_root()
+    return audit(stage_params(profile, params_file), prepare_dir, generate_dir, out_dir, root)
+
+
+def review_pairs(nn: pd.DataFrame, sets: list[str], n: int) -> pd.DataFrame:
+    """The `n` closest pairs per set, for people to judge (the paper's user study: 50 + 50); the
+    `same_person` column is theirs to fill."""
+    out = []
+    for name in sets:
+        top = nn.nlargest(n, f"{name}_similarity")
+        out.append(
+            pd.DataFrame(
+                {
+                    "reference_set": name,
+                    "generated": top["file"],
+                    "match": top[f"{name}_match"],
+                    "similarity": top[f"{name}_similarity"],
+                    "same_person": "",
+                }
+            )
+        )
+    return pd.concat(out, ignore_index=True)
+
+
+def histogram(nn: pd.DataFrame, sets: list[str], bins: int = 40) -> pd.DataFrame:
+    """Counts of nearest-neighbour similarities per set on common bins over [-1, 1] (a DVC plot)."""
+    edges = np.linspace(-1, 1, bins + 1)
+    out = pd.DataFrame({"similarity": np.round((edges[:-1] + edges[1:]) / 2, 4)})
+    for name in sets:
+        out[name] = np.histogram(nn[f"{name}_similarity"], edges)[0]
+    return out
+
+
+def summary_markdown(metrics: dict, report: dict) -> str:
+    rules = [r for r in ("paper", "deepface", "model", "derived") if f"same_{r}" in metrics["finetune"]]
+    lines = [
+        f"Identity model: {metrics['identity_model']}; reference: {report['reference']}.",
+        "",
+        "| set | images | mean NN sim. | max NN sim. | " + " | ".join(f"same ({r})" for r in rules) + " |",
+        "|---" * (4 + len(rules)) + "|",
+    ]
+    for name in ("finetune", "reference"):
+        s = metrics[name]
+        lines.append(
+            f"| {name} | {s['images']} | {s['mean_nn_similarity']:.3f} | {s['max_nn_similarity']:.3f} | "
+            + " | ".join(str(s[f"same_{r}"]) for r in rules)
+            + " |"
+        )
+    lines += [
+        "",
+        "Rules: " + "; ".join(f"{k}: {v}" for k, v in report["rules"].items()) + ".",
+        f"Removed under '{metrics['removal_rule']}': {metrics['removed_images']} of "
+        f"{metrics['generated_images']} generated images.",
+        "Paper (ArcFace): mean NN similarity 0.39 (fine-tuning set), 0.47 (CelebA); none above 0.68.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ figures
+
+
+def plot_histograms(nn: pd.DataFrame, metrics: dict, save_to: Path | None = None):
+    """Nearest-neighbour similarity per reference set, with every threshold in use marked."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    long = pd.concat(
+        [pd.DataFrame({"similarity": nn[f"{s}_similarity"], "set": s}) for s in ("finetune", "reference")]
+    )
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    sns.histplot(long, x="similarity", hue="set", bins=30, element="step", ax=ax)
+    t = metrics["threshold"]
+    marks = {f"paper: > {t}": t, f"deepface: >= {1 - t:.2f}": 1 - t}
+    if metrics.get("derived", {}).get("threshold") is not None:
+        marks[f"derived: >= {metrics['derived']['threshold']:.2f}"] = metrics["derived"]["threshold"]
+    for (label, x), style in zip(marks.items(), ("--", ":", "-."), strict=False):
+        ax.axvline(x, color="k", linestyle=style, label=label)
+    ax.legend(fontsize=7)
+    ax.set(
+        title=f"Nearest-neighbour identity similarity ({metrics['identity_model']})",
+        xlabel="cosine similarity",
+    )
+    fig.tight_layout()
+    if save_to:
+        fig.savefig(save_to, dpi=120)
+    return fig
+
+
+def closest_pairs_sheet(nn: pd.DataFrame, generate_dir: Path, k: int = 8, save_to: Path | None = None):
+    """The `k` closest pairs per set: generated face above, its nearest neighbour below."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    sets = ("finetune", "reference")
+    fig, axes = plt.subplots(4, k, figsize=(1.5 * k, 6.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for s_i, name in enumerate(sets):
+        top = nn.nlargest(k, f"{name}_similarity")
+        for j, row in enumerate(top.itertuples()):
+            gen_ax, ref_ax = axes[2 * s_i, j], axes[2 * s_i + 1, j]
+            gen_ax.imshow(Image.open(Path(generate_dir) / "finetuned" / row.file))
+            gen_ax.set_title(f"{getattr(row, f'{name}_similarity'):.2f}", fontsize=7)
+            ref_ax.imshow(Image.open(getattr(row, f"{name}_match_path")))
+            ref_ax.set_title(name, fontsize=6)
+    fig.suptitle("Closest pairs: generated (upper) and nearest neighbour (lower)", fontsize=9)
+    fig.tight_layout()
+    if save_to:
+        fig.savefig(save_to, dpi=120)
+    return fig
