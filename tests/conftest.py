@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,22 @@ def trained(tmp_path_factory, prepared, default) -> Path:
         default["models"], default["prompts"], p, prepared, out, default["prepare"]["resolution"]
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def people() -> list:
+    """Faces of different people: the insightface group photo's faces, plus two single portraits."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    from geneava.faces import DlibDetector, square_crop
+
+    photos = Path(importlib.util.find_spec("insightface").origin).parent / "data" / "images"
+    rgb = np.asarray(Image.open(photos / "t1.jpg").convert("RGB"))
+    faces = sorted(DlibDetector().detect(rgb), key=lambda f: f.box[0])
+    crops = [square_crop(rgb, f.box, 0.35, 160) for f in faces]
+    assert len(crops) >= 5, "the group photo should show several people"
+    astronaut = np.asarray(skdata.astronaut())
+    crops.append(square_crop(astronaut, DlibDetector().detect(astronaut)[0].box, 0.35, 160))
+    return crops

@@ -13,11 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 from geneava import identity, memorization
-from geneava.faces import DlibDetector, square_crop
 from geneava.io import save_png, sha256_file, write_csv
-
-PHOTOS = Path(__import__("insightface").__file__).parent / "data" / "images"
-
 
 # ------------------------------------------------------------------ search and thresholds
 
@@ -84,20 +80,6 @@ def test_both_readings_of_the_paper_threshold():
 
 
 # ------------------------------------------------------------------ the audit on real photos
-
-
-@pytest.fixture(scope="module")
-def people() -> list[Image.Image]:
-    """Faces of different people: the insightface group photo's faces, plus two single portraits."""
-    rgb = np.asarray(Image.open(PHOTOS / "t1.jpg").convert("RGB"))
-    faces = sorted(DlibDetector().detect(rgb), key=lambda f: f.box[0])
-    crops = [square_crop(rgb, f.box, 0.35, 160) for f in faces]
-    assert len(crops) >= 5, "the group photo should show several people"
-    from skimage import data as skdata
-
-    astronaut = np.asarray(skdata.astronaut())
-    crops.append(square_crop(astronaut, DlibDetector().detect(astronaut)[0].box, 0.35, 160))
-    return crops
 
 
 def _jpeg(img: Image.Image, quality: int = 60) -> Image.Image:

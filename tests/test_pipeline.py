@@ -13,11 +13,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from .conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
+# stages reading generated images; they rerun when the images change (their caches and avatars are
+# `persist: true`, outside DVC's run cache), and their caches keep reruns cheap
+AFTER_GENERATE = {"evaluate", "memorization", "stylize"}
 
 
 def _run(args, cwd, check=True):
@@ -112,6 +116,14 @@ def test_repro_runs_every_stage_through_papermill(clone):
     )
     removal = pd.read_csv(clone / "outputs/memorization/removal.csv")
     assert set(removal.columns) >= {"row_id", "file", "reference_set", "rule"}
+    # every generated face has exactly one avatar, of its size
+    pairs = pd.read_csv(clone / "outputs/stylize/pairs.csv")
+    gen = pd.read_csv(clone / "outputs/generate/finetuned/manifest.csv")
+    assert sorted(pairs["row_id"]) == sorted(gen["row_id"]) and pairs["avatar"].is_unique
+    for r in pairs.itertuples():
+        real, avatar = clone / "outputs/generate" / r.realistic, clone / "outputs/stylize" / r.avatar
+        assert Image.open(real).size == Image.open(avatar).size
+    assert json.loads((clone / "outputs/stylize/metrics.json").read_text())["pairs"] == len(gen)
 
 
 def test_everything_up_to_date_and_second_repro_is_a_no_op(clone):
@@ -134,7 +146,8 @@ def test_everything_up_to_date_and_second_repro_is_a_no_op(clone):
         (("finetune", "paper", "lr"), 2.0e-6, set()),  # another profile's value touches nothing here
         (("evaluate", "default", "n_boot"), 500, {"evaluate"}),
         (("memorization", "default", "threshold"), 0.7, {"memorization"}),
-        (("profile",), "paper", {"prepare", "finetune", "generate", "evaluate", "memorization"}),
+        (("stylize", "default", "colors"), 8, {"stylize"}),
+        (("profile",), "paper", {"prepare", "finetune", "generate", *AFTER_GENERATE}),
     ],
 )
 def test_a_param_change_marks_only_its_stages(clone, path, value, changed):
@@ -145,11 +158,6 @@ def test_a_param_change_marks_only_its_stages(clone, path, value, changed):
     finally:
         (clone / "params.yaml").write_text(original)
     assert _status(clone) == set()
-
-
-# stages reading generated images; they rerun when the images change (their embedding caches are
-# `persist: true` too), and their caches keep reruns cheap: only changed images are embedded again
-AFTER_GENERATE = {"evaluate", "memorization"}
 
 
 def _ran(log: str) -> set[str]:
