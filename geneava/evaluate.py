@@ -23,7 +23,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from geneava import config, metrics, models
+from geneava import config, metrics, models, qc
 from geneava.data import load_images, read_split
 from geneava.faces import face_detector, square_crop
 from geneava.io import atomic_write_text, cached_tensors, write_csv, write_json
@@ -38,7 +38,6 @@ PAPER_TABLE1 = {
     "SDXL": {"clip": 0.780, "dino": 0.738, "lpips": 0.658, "exp": 13.1},
     "GenEAva (ours)": {"clip": 0.799, "dino": 0.742, "lpips": 0.648, "exp": 12.6},
 }
-KEPT = ("pass", "not checked")
 
 
 def stage_params(profile: str | None, params_file: Path | None = None) -> dict:
@@ -54,12 +53,8 @@ def generated_rows(generate_dir: Path, include: str) -> dict[str, pd.DataFrame]:
     `kept` uses the images that passed QC (the paper), `all` every rendered image."""
     out = {}
     for v in VARIANTS:
-        path = Path(generate_dir) / v / "manifest.csv"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run the generate stage first (dvc repro generate)")
-        m = pd.read_csv(path, keep_default_na=False).sort_values("row_id").reset_index(drop=True)
-        m["path"] = [str(Path(generate_dir) / v / f) for f in m["file"]]
-        m["use"] = m["qc"].isin(KEPT) if include == "kept" else True
+        m = qc.generated(generate_dir, v).sort_values("row_id").reset_index(drop=True)
+        m["use"] = m["kept"] if include == "kept" else True
         out[v] = m
     a, b = (out[v]["row_id"].tolist() for v in VARIANTS)
     if a != b:
@@ -291,7 +286,7 @@ def evaluate(
         "all-pairs beside it",
         "include": params["include"],
         "images": {v: int(gen[v]["use"].sum()) for v in VARIANTS} | {"eval": len(ev)},
-        "qc_failed_but_used": {v: int((gen[v]["use"] & ~gen[v]["qc"].isin(KEPT)).sum()) for v in VARIANTS},
+        "qc_failed_but_used": {v: int((gen[v]["use"] & ~gen[v]["kept"]).sum()) for v in VARIANTS},
         "faces_not_found_for_exp": {v: int((~gen_emb[v]["face_found"]).sum()) for v in VARIANTS},
         "classes": classes,
         "models": embedder.settings | {"lpips": params["lpips"], "lpips_size": params["lpips_size"]},

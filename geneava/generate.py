@@ -192,7 +192,7 @@ def generate(
 
 def balance_report(manifest: pd.DataFrame) -> dict:
     """QC outcome counts and the balance of the kept images over every attribute."""
-    kept = manifest[manifest["qc"].isin(["pass", "not checked"])]
+    kept = manifest[manifest["qc"].isin(qc.KEPT)]
     report = {
         "rows": len(manifest),
         "kept": len(kept),

@@ -22,14 +22,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from geneava import config, identity, standin
+from geneava import config, identity, qc, standin
 from geneava.data import read_split
 from geneava.io import atomic_write_text, cached_tensors, save_png, sha256_file, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-KEPT = ("pass", "not checked")
 
 
 def stage_params(profile: str | None, params_file: Path | None = None) -> dict:
@@ -37,19 +36,6 @@ def stage_params(profile: str | None, params_file: Path | None = None) -> dict:
 
 
 # ------------------------------------------------------------------ the image sets
-
-
-def generated_set(generate_dir: Path, include: str) -> pd.DataFrame:
-    """The fine-tuned model's images (the dataset to be released): QC-passed ones, or all."""
-    path = Path(generate_dir) / "finetuned" / "manifest.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the generate stage first (dvc repro generate)")
-    m = pd.read_csv(path, keep_default_na=False)
-    if include == "kept":
-        m = m[m["qc"].isin(KEPT)]
-    m = m.reset_index(drop=True)
-    m["path"] = [str(Path(generate_dir) / "finetuned" / f) for f in m["file"]]
-    return m
 
 
 def reference_set(params: dict, prepare_dir: Path, root: Path) -> tuple[pd.DataFrame, str]:
@@ -163,7 +149,7 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
         params["identity"], params["identity_root"], params["identity_pack"]
     )
     cache = out_dir / "embeddings"
-    gen = generated_set(generate_dir, params["include"])
+    gen = qc.generated(generate_dir, "finetuned", params["include"])
     if gen.empty:
         raise ValueError(
             "no generated image to audit (none passed QC): render more rows, or set "

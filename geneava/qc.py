@@ -3,7 +3,10 @@ the face is too close to the camera, i.e. facial features incomplete), with the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 
 from geneava.faces import Face
 
@@ -29,3 +32,18 @@ def check(faces: list[Face], width: int, height: int, border: float) -> str:
 def image_check(detector, rgb: np.ndarray, border: float) -> tuple[str, int]:
     faces = detector.detect(rgb)
     return check(faces, rgb.shape[1], rgb.shape[0], border), len(faces)
+
+
+KEPT = ("pass", "not checked")  # verdicts of images that stay in the dataset
+
+
+def generated(generate_dir: Path, variant: str = "finetuned", include: str = "all") -> pd.DataFrame:
+    """A generated variant's manifest with each image's `path` and whether it passed QC (`kept`);
+    `include="kept"` keeps only those (the dataset), `"all"` every rendered image."""
+    path = Path(generate_dir) / variant / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the generate stage first (dvc repro generate)")
+    m = pd.read_csv(path, keep_default_na=False)
+    m["path"] = [str(Path(generate_dir) / variant / f) for f in m["file"]]
+    m["kept"] = m["qc"].isin(KEPT)
+    return m[m["kept"]].reset_index(drop=True) if include == "kept" else m

@@ -28,14 +28,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from geneava import config, identity, models
+from geneava import config, identity, models, qc
 from geneava.data import load_rgb
 from geneava.io import atomic_write_text, save_png, sha256_bytes, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
 STYLIZERS = ("cartoon", "dctnet", "sdxl_img2img", "passthrough")
-KEPT = ("pass", "not checked")
 
 
 # ------------------------------------------------------------------ stylizers
@@ -227,17 +226,6 @@ def stage_params(profile: str | None, params_file: Path | None = None) -> dict:
     return {"model_params": b["models"], "prompt_params": b["prompts"], "params": b["stylize"]}
 
 
-def realistic_rows(generate_dir: Path, include: str) -> pd.DataFrame:
-    """The fine-tuned model's faces to stylize: those that passed QC, or all."""
-    path = Path(generate_dir) / "finetuned" / "manifest.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the generate stage first (dvc repro generate)")
-    m = pd.read_csv(path, keep_default_na=False)
-    if include == "kept":
-        m = m[m["qc"].isin(KEPT)]
-    return m.reset_index(drop=True)
-
-
 def stylize(
     model_params: dict, prompt_params: dict, params: dict, generate_dir: Path, out_dir: Path, styler=None
 ) -> pd.DataFrame:
@@ -245,7 +233,7 @@ def stylize(
     is written atomically, then its record; a rerun skips rows with a record. Settings that differ from
     the previous run's clear the folder first. Writes `pairs.csv`, one row per realistic/avatar pair."""
     out_dir = Path(out_dir)
-    rows = realistic_rows(generate_dir, params["include"])
+    rows = qc.generated(generate_dir, "finetuned", params["include"])
     settings = {k: params[k] for k in ("stylizer", "dctnet", "lora", "prompt", "strength", "steps", "colors")}
     settings |= {
         "guidance_scale": params["guidance_scale"],

@@ -79,3 +79,27 @@ def people() -> list:
     astronaut = np.asarray(skdata.astronaut())
     crops.append(square_crop(astronaut, DlibDetector().detect(astronaut)[0].box, 0.35, 160))
     return crops
+
+
+def write_generated(gen_dir: Path, images: list, expression: str = "x", qc: list[str] | None = None) -> Path:
+    """A generate-stage folder holding `images` as the fine-tuned variant, manifest included."""
+    import pandas as pd
+
+    from geneava.io import save_png, sha256_file, write_csv
+
+    rows = []
+    for i, img in enumerate(images):
+        file = f"images/{expression}/{i}.png"
+        save_png(gen_dir / "finetuned" / file, img)
+        rows.append(
+            {
+                "row_id": f"{expression}|{i}",
+                "expression": expression,
+                "file": file,
+                "qc": qc[i] if qc else "pass",
+                "seed_used": i,
+                "sha256": sha256_file(gen_dir / "finetuned" / file),
+            }
+        )
+    write_csv(gen_dir / "finetuned" / "manifest.csv", pd.DataFrame(rows))
+    return gen_dir

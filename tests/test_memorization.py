@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 
 from geneava import identity, memorization
 from geneava.io import save_png, sha256_file, write_csv
+from tests.conftest import write_generated
 
 # ------------------------------------------------------------------ search and thresholds
 
@@ -103,21 +104,7 @@ def _write_world(tmp: Path, finetune: list[Image.Image], generated: list[Image.I
             }
         )
     write_csv(prep / "data" / "manifest.csv", pd.DataFrame(rows))
-    gen = tmp / "generate"
-    rows = []
-    for i, img in enumerate(generated):
-        file = f"images/x/{i}.png"
-        save_png(gen / "finetuned" / file, img)
-        rows.append(
-            {
-                "row_id": f"x|{i}",
-                "file": file,
-                "expression": "x",
-                "qc": "pass",
-                "sha256": sha256_file(gen / "finetuned" / file),
-            }
-        )
-    write_csv(gen / "finetuned" / "manifest.csv", pd.DataFrame(rows))
+    gen = write_generated(tmp / "generate", generated)
     return prep, gen
 
 

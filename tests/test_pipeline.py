@@ -142,7 +142,7 @@ def test_everything_up_to_date_and_second_repro_is_a_no_op(clone):
         (("generate", "default", "steps"), 3, {"generate"}),
         (("finetune", "default", "lr"), 2.0e-4, {"finetune"}),
         (("prepare", "default", "seed"), 1, {"prepare"}),
-        (("prompts", "default", "negative"), "blurry", {"finetune", "generate"}),
+        (("prompts", "default", "negative"), "blurry", {"finetune", "generate", "stylize"}),
         (("finetune", "paper", "lr"), 2.0e-6, set()),  # another profile's value touches nothing here
         (("evaluate", "default", "n_boot"), 500, {"evaluate"}),
         (("memorization", "default", "threshold"), 0.7, {"memorization"}),

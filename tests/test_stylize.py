@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from geneava import identity, models, stylize
-from geneava.io import save_png, sha256_file, write_csv
+from tests.conftest import write_generated
 
 
 def _portrait(face: Image.Image, size: int = 256, at: tuple[int, int] = (48, 40)) -> Image.Image:
@@ -60,28 +58,10 @@ def test_passthrough_scores_perfect_preservation_and_a_shuffle_scores_badly(peop
     assert shuffled["expression_distance"].mean() > 0
 
 
-def _generated(tmp_path, faces) -> Path:
-    gen = Path(tmp_path) / "generate"
-    rows = []
-    for i, f in enumerate(faces):
-        file = f"images/joy/{i}.png"
-        save_png(gen / "finetuned" / file, f)
-        rows.append(
-            {
-                "row_id": f"joy|{i}",
-                "expression": "joy",
-                "file": file,
-                "qc": "pass" if i else "no face",
-                "seed_used": i,
-                "sha256": sha256_file(gen / "finetuned" / file),
-            }
-        )
-    write_csv(gen / "finetuned" / "manifest.csv", pd.DataFrame(rows))
-    return gen
-
-
 def test_the_stage_pairs_every_face_with_its_avatar_and_resumes(people, tmp_path, default, monkeypatch):
-    gen = _generated(tmp_path, [_portrait(p) for p in people[:3]])
+    gen = write_generated(
+        tmp_path / "generate", [_portrait(p) for p in people[:3]], "joy", ["no face", "pass", "pass"]
+    )
     params = dict(default["stylize"], include="all")
     pairs = stylize.stylize(default["models"], default["prompts"], params, gen, tmp_path / "out")
     assert len(pairs) == 3 and pairs["row_id"].is_unique
