@@ -260,6 +260,20 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "identity_pack": text(),
         "identity_threshold": number(0.0, 1.0),  # cosine similarity (paper: 0.68); dlib uses its own rule
     },
+    "release": {
+        "include": text(("kept", "all")),  # kept: only images that passed QC (the paper)
+        "honour_memorization": boolean,  # leave out the memorization audit's removal list
+        "honour_stylization": boolean,  # leave out pairs that failed the preservation checks
+        "balance": text(("strict", "report")),  # strict: a cell off the parameters fails the stage
+    },
+    "userstudy": {
+        "per_class": integer(1),  # stylization pairs shown per expression (paper: 7 -> 945)
+        "per_hit": integer(2),  # items per HIT, the attention check included (paper: 15)
+        "seed": integer(0),
+        "image_base_url": text(),  # where AMT will find the images (amt_batch.csv); pages use images/
+        "stylization_results": optional_text,  # a returned AMT results CSV to analyse, or null
+        "memorization_results": optional_text,
+    },
 }
 
 

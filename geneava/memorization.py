@@ -16,6 +16,7 @@ honours; `review.csv` lists the closest pairs for a human check (the paper's 50 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -221,7 +222,7 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
     removal = pd.concat(flagged, ignore_index=True).sort_values(["row_id", "reference_set"])
     write_csv(out_dir / "nearest.csv", nn.drop(columns=[c for c in nn if c.endswith("_match_path")]))
     write_csv(out_dir / "removal.csv", removal)
-    write_csv(out_dir / "review.csv", review_pairs(nn, list(sets), params["review_pairs"]))
+    write_csv(out_dir / "review.csv", review_pairs(nn, list(sets), params["review_pairs"], root))
     write_csv(out_dir / "nn_histogram.csv", histogram(nn, list(sets)))
     metrics = {
         "identity_model": model.name,
@@ -266,9 +267,16 @@ def run(
     return audit(stage_params(profile, params_file), prepare_dir, generate_dir, out_dir, root)
 
 
-def review_pairs(nn: pd.DataFrame, sets: list[str], n: int) -> pd.DataFrame:
+def review_pairs(nn: pd.DataFrame, sets: list[str], n: int, root: Path | None = None) -> pd.DataFrame:
     """The `n` closest pairs per set, for people to judge (the paper's user study: 50 + 50); the
-    `same_person` column is theirs to fill."""
+    `same_person` column is theirs to fill. `match_path`: the match's image, relative to `root` when
+    it lies inside it (so the file is the same on every machine)."""
+
+    def rel(p: str) -> str:
+        return (
+            os.path.relpath(p, root) if root and Path(p).resolve().is_relative_to(Path(root).resolve()) else p
+        )
+
     out = []
     for name in sets:
         top = nn.nlargest(n, f"{name}_similarity")
@@ -278,6 +286,7 @@ def review_pairs(nn: pd.DataFrame, sets: list[str], n: int) -> pd.DataFrame:
                     "reference_set": name,
                     "generated": top["file"],
                     "match": top[f"{name}_match"],
+                    "match_path": [rel(p) for p in top[f"{name}_match_path"]],
                     "similarity": top[f"{name}_similarity"],
                     "same_person": "",
                 }
