@@ -147,11 +147,10 @@ class DCTNet:
             from skimage.transform import SimilarityTransform
 
             ref = ((REFERENCE_5 - 56) * 0.75 + 56) * self.HEAD / 112
-            t = (
-                SimilarityTransform.from_estimate(np.asarray(pts), ref)
-                if hasattr(SimilarityTransform, "from_estimate")
-                else _estimate(np.asarray(pts), ref)
-            )
+            t = SimilarityTransform.from_estimate(np.asarray(pts), ref)
+            if not t:  # degenerate points: leave this face to the background network
+                log.warning("could not align a face for the head network: %s", t)
+                continue
             m, inv = t.params[:2], np.linalg.inv(t.params)[:2]
             crop = cv2.warpAffine(rgb, m, (self.HEAD, self.HEAD), borderValue=(255, 255, 255))
             head = self._run(self.head, crop[:, :, ::-1])
@@ -165,14 +164,6 @@ class DCTNet:
 
     def stylize(self, images: list[Image.Image], rows: pd.DataFrame) -> list[Image.Image]:
         return [self.one(im) for im in images]
-
-
-def _estimate(src, dst):
-    from skimage.transform import SimilarityTransform
-
-    t = SimilarityTransform()
-    t.estimate(src, dst)
-    return t
 
 
 class SDXLImg2Img:
