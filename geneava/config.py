@@ -136,7 +136,39 @@ def text_map(key: str, v: Any) -> Any:
     return v
 
 
+def any_text(key: str, v: Any) -> Any:
+    if not isinstance(v, str):
+        _fail(key, v, "a string (empty allowed)")
+    return v
+
+
+def identity_source(key: str, v: Any) -> Any:
+    if isinstance(v, str) and v.endswith(".safetensors"):
+        return v
+    return text(("auto", "arcface", "dlib"))(key, v)
+
+
 SCHEMA: dict[str, dict[str, Callable]] = {
+    # The default profile's world models (geneava.world); both blocks alike: the world is profile-free.
+    "world": {
+        "seed": integer(0),
+        "size": integer(16),  # image side of the world's faces
+        "pool": integer(8),  # rendered images the VAE and the base model train on
+        "batch_size": integer(2),
+        "lr": number(0.0, 1.0, lo_open=True),
+        "vae_steps": integer(1),
+        "vae_kl": number(0.0),
+        "base_steps": integer(1),
+        "caption_dropout": number(0.0, 1.0),  # share of captions replaced by the empty (zero) prompt
+        "expression_per_class": integer(1),
+        "expression_steps": integer(1),
+        "identity_people": integer(2),
+        "identity_views": integer(2),
+        "identity_steps": integer(1),
+        "arcface_scale": number(0.0, lo_open=True),
+        "arcface_margin": number(0.0, 1.0),
+        "identity_threshold": number(0.0, 1.0),  # reported verification rates use the paper's 0.68
+    },
     "models": {
         # "tiny": a seeded, randomly initialised SDXL of the real architecture, built from config.
         # Anything else: a hub id or a local folder in diffusers layout.
@@ -149,7 +181,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
     },
     "prompts": {
         "template": text(contains=("article", "age", "race", "person", "expression")),
-        "negative": text(),
+        "negative": any_text,  # "": no negative prompt (the unconditional, zero embedding)
         "caption": text(contains=("expression",)),
         "races": text_list(1),
         "genders": text_map,
@@ -227,8 +259,9 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "crop_margin": number(0.0, 2.0),
     },
     "memorization": {
-        # identity model: auto = ArcFace from a local insightface pack if present, else dlib's 128-d ResNet
-        "identity": text(("auto", "arcface", "dlib")),
+        # identity model: auto = ArcFace from a local insightface pack if present, else dlib's 128-d ResNet;
+        # arcface; dlib; or a .safetensors file: the default world's identity network
+        "identity": identity_source,
         "identity_root": text(),
         "identity_pack": text(),
         "include": text(("kept", "all")),  # generated images audited: QC-passed ones, or all
@@ -255,10 +288,13 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "steps": integer(1),
         "guidance_scale": number(0.0),
         # preservation checks
-        "identity": text(("auto", "arcface", "dlib")),
+        "identity": identity_source,
         "identity_root": text(),
         "identity_pack": text(),
         "identity_threshold": number(0.0, 1.0),  # cosine similarity (paper: 0.68); dlib uses its own rule
+    },
+    "ablation": {
+        "alpha": number(0.0),  # fine-tune again with this alpha (0: the diffusion loss alone) and compare
     },
     "release": {
         "include": text(("kept", "all")),  # kept: only images that passed QC (the paper)

@@ -31,6 +31,12 @@ from geneava.io import atomic_write_text, cached_tensors, write_csv, write_json
 log = logging.getLogger(__name__)
 
 VARIANTS = ("finetuned", "baseline")
+LABELS = {
+    "baseline": "SDXL (baseline)",
+    "finetuned": "GenEAva (fine-tuned)",
+    "alpha0": "GenEAva, α = 0 (no L_exp)",
+}
+SHORT = {"baseline": "baseline", "finetuned": "fine-tuned", "alpha0": "α = 0"}
 # metric -> (column title, True if higher is better)
 METRICS = {"clip": ("CLIP", True), "dino": ("DINO", True), "lpips": ("LPIPS", False), "exp": ("Exp.", False)}
 # ../shared/PAPER.md, Table 1 (the paper gives no confidence intervals)
@@ -48,19 +54,22 @@ def stage_params(profile: str | None, params_file: Path | None = None) -> dict:
 # ------------------------------------------------------------------ inputs
 
 
-def generated_rows(generate_dir: Path, include: str) -> dict[str, pd.DataFrame]:
-    """Both variants' manifests, aligned on the same prompt rows, with a `use` flag per row:
-    `kept` uses the images that passed QC (the paper), `all` every rendered image."""
+def generated_rows(variants: dict[str, Path] | Path, include: str) -> dict[str, pd.DataFrame]:
+    """Two variants' manifests (label -> the variant's folder; a generate-stage folder: its fine-tuned and
+    baseline), aligned on the same prompt rows, with a `use` flag per row: `kept` uses the images that
+    passed QC (the paper), `all` every rendered image."""
+    if not isinstance(variants, dict):
+        variants = {v: Path(variants) / v for v in VARIANTS}
     out = {}
-    for v in VARIANTS:
-        m = qc.generated(generate_dir, v).sort_values("row_id").reset_index(drop=True)
+    for v, folder in variants.items():
+        m = qc.generated(Path(folder).parent, Path(folder).name).sort_values("row_id").reset_index(drop=True)
         m["use"] = m["kept"] if include == "kept" else True
         out[v] = m
-    a, b = (out[v]["row_id"].tolist() for v in VARIANTS)
+    a, b = (m["row_id"].tolist() for m in out.values())
     if a != b:
         raise ValueError(
-            f"{generate_dir}: the fine-tuned and baseline manifests hold different prompt rows; "
-            "regenerate both (dvc repro generate)"
+            f"the {' and '.join(variants)} manifests hold different prompt rows; regenerate both "
+            "(dvc repro generate)"
         )
     return out
 
@@ -171,10 +180,11 @@ def class_matrices(
     """Per class, per metric, per variant: the (prompt rows x evaluation images) pair matrix.
     Also the all-pairs means (every generated image x every evaluation image)."""
     pair_fn = {"clip": metrics.cosine_matrix, "dino": metrics.cosine_matrix, "exp": metrics.euclidean_matrix}
-    classes = sorted(set(gen[VARIANTS[0]]["expression"]) & set(ev["expression"]))
-    mats = {m: {v: [] for v in VARIANTS} for m in METRICS}
+    names = list(gen)
+    classes = sorted(set(gen[names[0]]["expression"]) & set(ev["expression"]))
+    mats = {m: {v: [] for v in names} for m in METRICS}
     # all-pairs LPIPS is linear in the features: mean q(a) + mean q(b) - 2 mean(w a) . mean(b)
-    lp_sums = {v: [0.0, None, 0] for v in (*VARIANTS, "eval")}
+    lp_sums = {v: [0.0, None, 0] for v in (*names, "eval")}
 
     def lp_features(paths: list[str]):
         x = load_images(paths, lpips_size)
@@ -194,7 +204,7 @@ def class_matrices(
         accumulate("eval", ev_feats, weighted_side=False)
         if c not in classes:
             continue
-        for v in VARIANTS:
+        for v in names:
             g = gen[v]
             rows = np.flatnonzero(g["expression"].to_numpy() == c)
             use = g["use"].to_numpy()[rows]
@@ -212,7 +222,7 @@ def class_matrices(
 
     all_pairs = {}
     q_ev, sum_ev, n_ev = lp_sums["eval"]
-    for v in VARIANTS:
+    for v in names:
         used = gen_emb[v]
         q_g, sum_g, n_g = lp_sums[v]
         all_pairs[v] = {
@@ -231,21 +241,35 @@ def class_matrices(
 
 
 def evaluate(
-    model_params: dict, params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, detector=None
+    model_params: dict,
+    params: dict,
+    prepare_dir: Path,
+    generate_dir: Path,
+    out_dir: Path,
+    detector=None,
+    variants: dict[str, Path] | None = None,
+    cache_dir: Path | None = None,
 ) -> dict:
-    """Table 1 with bootstrap CIs: writes metrics.json, table1.md/.tex, per_class.csv and report.json."""
+    """Table 1 with bootstrap CIs: writes metrics.json, table1.md/.tex, per_class.csv and report.json.
+
+    `variants` (label -> generated folder, first minus second) compares other pairs, e.g. the α=0
+    ablation; by default the fine-tuned model against the baseline in `generate_dir`."""
     out_dir = Path(out_dir)
     device = PartialState(cpu=not torch.cuda.is_available()).device
-    gen = generated_rows(generate_dir, params["include"])
+    variants = variants or {v: Path(generate_dir) / v for v in VARIANTS}
+    if len(variants) != 2:
+        raise ValueError(f"Table 1 compares two variants, got {list(variants)}")
+    gen = generated_rows(variants, params["include"])
+    names = list(gen)
     ev = read_split(prepare_dir, "eval")
     if ev.empty:
         raise ValueError(f"{prepare_dir}: the evaluation split is empty; run the prepare stage")
     embedder = Embedder(model_params, params, device, detector)
-    cache = out_dir / "embeddings"
+    cache = Path(cache_dir) if cache_dir else out_dir / "embeddings"
     ev_emb = cached_embeddings(embedder, "eval", ev["path"].tolist(), ev["sha256"].tolist(), None, cache)
     crop_size = _image_tensor(ev["path"].iloc[:1].tolist()).shape[-1]  # prepare's crop size
     gen_emb = {}
-    for v in VARIANTS:
+    for v in names:
         used = gen[v][gen[v]["use"]]
         if used.empty:
             raise ValueError(
@@ -266,12 +290,13 @@ def evaluate(
         m: metrics.class_bootstrap(mats[m], params["n_boot"], params["seed"], params["level"])
         for m in METRICS
     }
-    diff = f"{VARIANTS[0]} - {VARIANTS[1]}"
+    diff = f"{names[0]} - {names[1]}"
     result = {
         "per_class_pairs": {
             name: {m: {k: table[m][key][k] for k in ("mean", "lo", "hi")} for m in METRICS}
-            for name, key in (*((v, v) for v in VARIANTS), ("difference", diff))
+            for name, key in (*((v, v) for v in names), ("difference", diff))
         },
+        "variants": names,
         "all_pairs": all_pairs,
         "classes": len(classes),
         "level": params["level"],
@@ -285,9 +310,9 @@ def evaluate(
         "pairing": "per expression class (generated of class c x evaluation of class c), mean over classes; "
         "all-pairs beside it",
         "include": params["include"],
-        "images": {v: int(gen[v]["use"].sum()) for v in VARIANTS} | {"eval": len(ev)},
-        "qc_failed_but_used": {v: int((gen[v]["use"] & ~gen[v]["kept"]).sum()) for v in VARIANTS},
-        "faces_not_found_for_exp": {v: int((~gen_emb[v]["face_found"]).sum()) for v in VARIANTS},
+        "images": {v: int(gen[v]["use"].sum()) for v in names} | {"eval": len(ev)},
+        "qc_failed_but_used": {v: int((gen[v]["use"] & ~gen[v]["kept"]).sum()) for v in names},
+        "faces_not_found_for_exp": {v: int((~gen_emb[v]["face_found"]).sum()) for v in names},
         "classes": classes,
         "models": embedder.settings | {"lpips": params["lpips"], "lpips_size": params["lpips_size"]},
         "bootstrap": {"n_boot": params["n_boot"], "level": params["level"], "seed": params["seed"]},
@@ -314,10 +339,11 @@ def per_class_table(classes: list[str], mats: dict) -> pd.DataFrame:
     """One row per class: each metric per variant and the difference (fine-tuned minus baseline)."""
     df = pd.DataFrame({"expression": classes})
     for m in METRICS:
-        for v in VARIANTS:
+        names = list(mats[m])
+        for v in names:
             with np.errstate(invalid="ignore"):
                 df[f"{m}_{v}"] = [np.nanmean(x) if np.isfinite(x).any() else np.nan for x in mats[m][v]]
-        df[f"{m}_difference"] = df[f"{m}_{VARIANTS[0]}"] - df[f"{m}_{VARIANTS[1]}"]
+        df[f"{m}_difference"] = df[f"{m}_{names[0]}"] - df[f"{m}_{names[1]}"]
     return df
 
 
@@ -327,15 +353,23 @@ def _cell(s: dict, digits: int = 3) -> str:
 
 def _rows(result: dict) -> list[tuple[str, list[str]]]:
     t = result["per_class_pairs"]
-    names = {"baseline": "SDXL (baseline)", "finetuned": "GenEAva (fine-tuned)"}
-    rows = [(names[v], [_cell(t[v][m]) for m in METRICS]) for v in ("baseline", "finetuned")]
-    diff = t["difference"]  # fine-tuned minus baseline
-    rows.append(("Δ fine-tuned − baseline", [_cell(diff[m], 4) for m in METRICS]))
+    first, second = result.get("variants", VARIANTS)
+    name = lambda v: LABELS.get(v, v)  # noqa: E731
+    rows = [(name(v), [_cell(t[v][m]) for m in METRICS]) for v in (second, first)]
+    diff = t["difference"]  # first minus second
+    rows.append(
+        (f"Δ {SHORT.get(first, first)} − {SHORT.get(second, second)}", [_cell(diff[m], 4) for m in METRICS])
+    )
     rows += [
-        (f"all pairs: {names[v]}", [f"{result['all_pairs'][v][m]:.3f}" for m in METRICS])
-        for v in ("baseline", "finetuned")
+        (f"all pairs: {name(v)}", [f"{result['all_pairs'][v][m]:.3f}" for m in METRICS])
+        for v in (second, first)
     ]
     return rows
+
+
+def _paper(result: dict) -> list:
+    """The paper's rows, shown beside the comparison they report (fine-tuned vs baseline) only."""
+    return list(PAPER_TABLE1.items()) if tuple(result.get("variants", VARIANTS)) == VARIANTS else []
 
 
 def table_markdown(result: dict) -> str:
@@ -349,9 +383,7 @@ def table_markdown(result: dict) -> str:
         "|---" * (len(head) + 1) + "|",
     ]
     lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in _rows(result)]
-    lines += [
-        f"| paper: {k} | " + " | ".join(f"{v[m]:g}" for m in METRICS) + " |" for k, v in PAPER_TABLE1.items()
-    ]
+    lines += [f"| paper: {k} | " + " | ".join(f"{v[m]:g}" for m in METRICS) + " |" for k, v in _paper(result)]
     return "\n".join(lines) + "\n"
 
 
@@ -365,11 +397,11 @@ def table_latex(result: dict) -> str:
         "\\midrule",
     ]
     for name, cells in _rows(result):
-        name = name.replace("Δ", "$\\Delta$").replace("−", "$-$")
+        name = name.replace("Δ", "$\\Delta$").replace("−", "$-$").replace("α", "$\\alpha$")
         lines.append(f"{name} & " + " & ".join(cells) + " \\\\")
     lines.append("\\midrule")
     lines += [
-        f"Paper: {k} & " + " & ".join(f"{v[m]:g}" for m in METRICS) + " \\\\" for k, v in PAPER_TABLE1.items()
+        f"Paper: {k} & " + " & ".join(f"{v[m]:g}" for m in METRICS) + " \\\\" for k, v in _paper(result)
     ]
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -385,7 +417,9 @@ def beside_paper(result: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["model", "source"])
 
 
-def plot_per_class(per_class: pd.DataFrame, save_to: Path | None = None):
+def plot_per_class(
+    per_class: pd.DataFrame, save_to: Path | None = None, title: str = "Fine-tuned − baseline per expression"
+):
     """Heatmap of the per-class improvement of the fine-tuned model (positive = better), per metric
     scaled by its largest absolute value, annotated with the raw differences."""
     import matplotlib.pyplot as plt
@@ -405,10 +439,10 @@ def plot_per_class(per_class: pd.DataFrame, save_to: Path | None = None):
         vmin=-1,
         vmax=1,
         ax=ax,
-        cbar_kws={"label": "improvement over the baseline (scaled per metric)"},
+        cbar_kws={"label": "improvement (scaled per metric)"},
         annot_kws={"size": 6},
     )
-    ax.set(title="Fine-tuned − baseline per expression", xlabel="", ylabel="")
+    ax.set(title=title, xlabel="", ylabel="")
     fig.tight_layout()
     if save_to:
         fig.savefig(save_to, dpi=120)

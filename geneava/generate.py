@@ -84,9 +84,11 @@ def build_pipeline(model_params: dict, prompt_params: dict, params: dict, lora_d
 
 def render(pipe, rows: pd.DataFrame, seeds: list[int], params: dict) -> list:
     """One image per row; one generator per row, so an image depends on its seed, not its batch-mates."""
+    negative = [str(n) if isinstance(n, str) else "" for n in rows["negative_prompt"]]
     return pipe(
         prompt=list(rows["prompt"]),
-        negative_prompt=list(rows["negative_prompt"]),
+        # no negative text: SDXL's unconditional branch (zero embeddings, force_zeros_for_empty_prompt)
+        negative_prompt=negative if any(negative) else None,
         num_inference_steps=params["steps"],
         guidance_scale=params["guidance_scale"],
         height=params["resolution"],

@@ -7,21 +7,26 @@ Two real identity models behind one interface, `embed(rgb) -> (vector, face_foun
 - `dlib`: dlib's ResNet 128-d face descriptor with its MMOD detector and 5-point alignment, whose weights
   ship in the `face-recognition-models` wheel: an LFW-grade identity model that runs offline. Its own
   rule is Euclidean distance < 0.6.
-`auto` takes ArcFace when its models are present and dlib otherwise; reports say which ran. An image in
+`auto` takes ArcFace when its models are present and dlib otherwise; reports say which ran. The default
+profile's world has its own ArcFace-style network (`WorldArcFace`, trained by `geneava.world`). An image in
 which no face is found is embedded whole (as an aligned chip) and flagged.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
 from geneava.faces import DlibDetector, dlib_model_dir
+from geneava.poster import BottleneckIR
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +87,89 @@ class ArcFaceIdentity:
         return self._app.models["recognition"].get_feat(np.ascontiguousarray(chip)).ravel(), False
 
 
+# ------------------------------------------------------------------ the default world's identity network
+
+
+class WorldArcFace(nn.Module):
+    """ArcFace's recognition network at toy width: IR stages, BN, dropout, FC, BN -> embedding."""
+
+    def __init__(self, channels=(16, 32, 64), embedding: int = 128, size: int = 64):
+        super().__init__()
+        self.config = {"channels": list(channels), "embedding": embedding, "size": size}
+        self.input_layer = nn.Sequential(
+            nn.Conv2d(3, channels[0], 3, 1, 1, bias=False), nn.BatchNorm2d(channels[0]), nn.PReLU(channels[0])
+        )
+        blocks, cin = [], channels[0]
+        for c in channels:
+            blocks += [BottleneckIR(cin, c, 2), BottleneckIR(c, c, 1)]  # ArcFace's IR block
+            cin = c
+        self.body = nn.Sequential(*blocks)
+        side = size // 2 ** len(channels)
+        self.output_layer = nn.Sequential(
+            nn.BatchNorm2d(cin), nn.Dropout(0.2), nn.Flatten(), nn.Linear(cin * side * side, embedding),
+            nn.BatchNorm1d(embedding),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings of images in [-1, 1] (resized to the network's input)."""
+        size = self.config["size"]
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return self.output_layer(self.body(self.input_layer(x)))
+
+
+def arcface_logits(emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, m: float):
+    """ArcFace's additive angular margin: s·cos(θ_y + m) for the true class, s·cos θ otherwise."""
+    cos = F.normalize(emb) @ F.normalize(weight).T
+    theta = torch.acos(cos.clamp(-1 + 1e-6, 1 - 1e-6))
+    target = torch.cos(theta.gather(1, labels[:, None]) + m)
+    return s * cos.scatter(1, labels[:, None], target)
+
+
+def load_identity_net(path: Path) -> WorldArcFace:
+    """The world's identity network from its safetensors (architecture in the file's metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "world_arcface" not in meta:
+        raise ValueError(f"{path} is not a world identity network (no 'world_arcface' metadata)")
+    net = WorldArcFace(**json.loads(meta["world_arcface"]))
+    net.load_state_dict(load_file(str(path)), strict=True)
+    return net.eval()
+
+
+class WorldIdentity:
+    """The default world's ArcFace stand-in (`geneava.world`): a whole image in, a unit vector out.
+    Cosine similarity with the paper's threshold, as for ArcFace."""
+
+    own_rule = None
+
+    def __init__(self, path: str | Path):
+        self.net = load_identity_net(Path(path).expanduser())
+        self.name = f"world-arcface ({Path(path).name})"
+
+    @torch.no_grad()
+    def embed(self, rgb: np.ndarray) -> tuple[np.ndarray, bool]:
+        x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        return F.normalize(self.net(x))[0].numpy(), True
+
+
 def identity_model(name: str = "auto", root: str = "~/.insightface", pack: str = "buffalo_l"):
-    """The identity model the params ask for; `auto` falls back to dlib (and says why) without ArcFace."""
+    """The identity model the params ask for; `auto` falls back to dlib (and says why) without ArcFace.
+    A path to a `.safetensors` file is the default world's identity network."""
+    if name.endswith(".safetensors"):
+        if not Path(name).expanduser().is_file():
+            raise FileNotFoundError(
+                f"identity model {name} not found: it is the world stage's output (committed in git; "
+                "`dvc unfreeze world && dvc repro world` retrains it)"
+            )
+        return WorldIdentity(name)
     if name not in IDENTITY_MODELS:
-        raise ValueError(f"unknown identity model '{name}' (known: {', '.join(IDENTITY_MODELS)})")
+        raise ValueError(
+            f"unknown identity model '{name}' (known: {', '.join(IDENTITY_MODELS)}, or a .safetensors file)"
+        )
     if name in ("auto", "arcface"):
         try:
             return ArcFaceIdentity(root, pack)

@@ -14,6 +14,7 @@ so the official checkpoint loads with a strict key match:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -369,12 +370,30 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return extract_state_dict(load_tensors(path))
 
 
+def _stored_config(path: Path) -> PosterConfig | None:
+    """The architecture a safetensors file of ours records in its metadata (e.g. the world's POSTER)."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        stored = (f.metadata() or {}).get("poster_config")
+    if stored is None:
+        return None
+    fields = json.loads(stored)
+    return PosterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
 def from_checkpoint(path: Path) -> Poster:
-    """The full POSTER with official weights; the class count is read from the head."""
+    """POSTER with trained weights: an official checkpoint (full size; the class count is read from
+    the head), or a safetensors file of ours whose metadata names its architecture."""
     state = load_checkpoint(path)
     if "head.linear.weight" not in state:
         raise ValueError(f"{path} is not a POSTER checkpoint: no head.linear.weight")
-    model = Poster(PosterConfig(num_classes=state["head.linear.weight"].shape[0]))
+    cfg = _stored_config(Path(path).expanduser()) or PosterConfig(
+        num_classes=state["head.linear.weight"].shape[0]
+    )
+    model = Poster(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -29,136 +29,245 @@ from geneava import emo135
 log = logging.getLogger(__name__)
 
 DEFAULT_PER_CLASS = 16
-BACKGROUND = (236, 236, 232)
 # Deliberately unusable files, so the default run exercises the filters: (class index step, image, kind)
 HARD_CASES = ((20, 6, "empty"), (15, 7, "pair"))
 DEFAULT_SIZE = 64
 ATTRIBUTES_FILE = "standin_attributes.csv"
 
-# Base expression per primary category:
-# (mouth curve -1 frown .. 1 smile, mouth open 0..1, brow tilt -1 angry .. 1 worried, brow raise, eye open)
-PRIMARY_BASE = {
-    "love": (0.5, 0.1, 0.0, 0.3, 0.6),
-    "joy": (0.9, 0.4, 0.0, 0.4, 0.7),
-    "surprise": (0.0, 0.9, 0.2, 1.0, 1.0),
-    "anger": (-0.5, 0.2, -0.9, 0.0, 0.8),
-    "sadness": (-0.8, 0.05, 0.7, 0.4, 0.4),
-    "fear": (-0.3, 0.6, 0.6, 0.9, 1.0),
-}
-EXPRESSION_FIELDS = ("mouth_curve", "mouth_open", "brow_tilt", "brow_raise", "eye_open")
-LIMITS = ((-1, 1), (0, 1), (-1, 1), (0, 1), (0.15, 1))
-SKIN_TONES = (
-    (255, 224, 196),
-    (241, 194, 155),
-    (224, 172, 125),
-    (198, 134, 86),
-    (161, 102, 64),
-    (120, 75, 45),
-    (86, 54, 34),
+# The world's expression space: action-unit-like parameters, each drawn on the face.
+EXPRESSION_FIELDS = (
+    "mouth_curve",  # -1 frown .. 1 smile (AU12 / AU15)
+    "mouth_open",  # 0 closed .. 1 open (AU25-27)
+    "brow_tilt",  # -1 inner ends down (anger, AU4) .. 1 inner ends up (worry, AU1)
+    "brow_raise",  # 0 .. 1 both brows up (AU1+2)
+    "eye_open",  # 0.15 squeezed .. 1 wide (AU5 / AU7)
+    "cheek_raise",  # 0 .. 1 cheeks up, lower lids pushed up (AU6)
+    "nose_wrinkle",  # 0 .. 1 wrinkled nose bridge (AU9)
 )
-HAIR_COLOURS = ((20, 16, 14), (70, 45, 25), (140, 95, 50), (200, 170, 110), (160, 160, 160))
+LIMITS = ((-1, 1), (0, 1), (-1, 1), (0, 1), (0.15, 1), (0, 1), (0, 1))
+# The coarse expression of each primary category: all the pretrained base model of the default world
+# knows (its captions name only these six), as a general model knows "happy" but not "delight".
+PRIMARY_BASE = {
+    "love": (0.5, 0.1, 0.2, 0.3, 0.55, 0.5, 0.0),
+    "joy": (0.9, 0.5, 0.0, 0.4, 0.6, 0.8, 0.0),
+    "surprise": (0.0, 0.9, 0.3, 1.0, 1.0, 0.0, 0.0),
+    "anger": (-0.6, 0.2, -0.9, 0.0, 0.75, 0.1, 0.7),
+    "sadness": (-0.8, 0.05, 0.8, 0.3, 0.4, 0.0, 0.1),
+    "fear": (-0.3, 0.6, 0.7, 0.9, 1.0, 0.0, 0.2),
+}
+CLASS_SPREAD = 0.3  # fixed per-class offset from the primary's expression (uniform, each parameter)
+IMAGE_JITTER = 0.04  # per-image expression noise around the class's expression
+
+# Identity. The seven groups follow the prompts' FairFace list; here a group is only a skin-tone range
+# and a hair-colour mix: a toy world's cue, not a claim about real people.
+RACES = {
+    "White": ((242, 205, 180), (0.25, 0.35, 0.25, 0.15)),
+    "Black": ((112, 72, 48), (0.85, 0.15, 0.0, 0.0)),
+    "Indian": ((176, 122, 84), (0.8, 0.2, 0.0, 0.0)),
+    "East Asian": ((236, 196, 160), (0.85, 0.15, 0.0, 0.0)),
+    "Southeast Asian": ((206, 156, 112), (0.8, 0.2, 0.0, 0.0)),
+    "Middle Eastern": ((214, 168, 128), (0.6, 0.35, 0.05, 0.0)),
+    "Latino": ((198, 150, 108), (0.55, 0.4, 0.05, 0.0)),
+}
+HAIR_COLOURS = ((24, 18, 14), (78, 50, 28), (150, 100, 52), (214, 178, 112))  # black, brown, auburn, blond
+GREY = (188, 188, 184)
+IRIS_COLOURS = ((58, 38, 24), (96, 64, 36), (70, 110, 150), (80, 120, 80))
+GENDERS = ("female", "male")
+AGE_GROUPS = 7  # teenage .. elderly, as the prompts' seven age words
+BACKGROUND = (236, 236, 232)
+IDENTITY_FIELDS = (
+    "race", "gender", "age_group", "skin_r", "skin_g", "skin_b", "hair_colour", "hair_style",
+    "face_width", "face_height", "eye_spacing", "eye_size", "iris", "nose_length", "nose_width",
+    "mouth_width", "brow_weight", "beard", "mole_x", "mole_y",
+)  # fmt: skip
 
 
-def class_expression(expression: emo135.Expression) -> np.ndarray:
-    """The expression vector of a class: its primary's base plus a fixed per-class offset."""
-    rng = np.random.default_rng([7, expression.index])
-    vec = np.array(PRIMARY_BASE[expression.primary]) + rng.uniform(-0.25, 0.25, size=5)
+def _clip_expression(vec) -> np.ndarray:
     return np.clip(vec, [lo for lo, _ in LIMITS], [hi for _, hi in LIMITS])
 
 
-def sample_attributes(expression: emo135.Expression, i: int) -> dict:
-    """Identity and expression of image `i` of a class (small per-image expression jitter)."""
-    rng = np.random.default_rng([11, expression.index, i])
-    expr = np.clip(
-        class_expression(expression) + rng.normal(0, 0.04, size=5),
-        [lo for lo, _ in LIMITS],
-        [hi for _, hi in LIMITS],
-    )
+def class_expression(expression: emo135.Expression) -> np.ndarray:
+    """The expression vector of a class: its primary's coarse expression plus a fixed per-class offset."""
+    rng = np.random.default_rng([7, expression.index])
+    offset = rng.uniform(-CLASS_SPREAD, CLASS_SPREAD, size=len(EXPRESSION_FIELDS))
+    return _clip_expression(np.array(PRIMARY_BASE[expression.primary]) + offset)
+
+
+def coarse_expression(primary: str) -> np.ndarray:
+    """What the base model's world knows of a primary category: its coarse expression, no finer."""
+    return np.array(PRIMARY_BASE[primary], dtype=float)
+
+
+def sample_identity(
+    rng: np.random.Generator, race: str | None = None, gender: str | None = None, age_group: int | None = None
+) -> dict:
+    """A random person; race, gender and age group drawn unless given."""
+    race = race or str(rng.choice(list(RACES)))
+    gender = gender or str(rng.choice(GENDERS))
+    age_group = int(rng.integers(AGE_GROUPS)) if age_group is None else int(age_group)
+    tone, hair_mix = RACES[race]
+    skin = np.clip(np.array(tone) * rng.uniform(0.9, 1.08) + rng.normal(0, 5, 3), 0, 255).round()
+    male = gender == "male"
     return {
-        "gender": str(rng.choice(["female", "male"])),
-        "skin_tone": int(rng.integers(len(SKIN_TONES))),
-        "hair_colour": int(rng.integers(len(HAIR_COLOURS))),
-        "hair_length": float(rng.uniform(0, 1)),
-        "face_width": float(rng.uniform(0.30, 0.38)),
-        "face_height": float(rng.uniform(0.40, 0.47)),
-        "age": float(rng.uniform(0, 1)),
-        **{k: round(float(v), 4) for k, v in zip(EXPRESSION_FIELDS, expr, strict=True)},
+        "race": race,
+        "gender": gender,
+        "age_group": age_group,
+        "skin_r": int(skin[0]),
+        "skin_g": int(skin[1]),
+        "skin_b": int(skin[2]),
+        "hair_colour": int(rng.choice(len(HAIR_COLOURS), p=hair_mix)),
+        # 0 cropped, 1 side part, 2 shoulder length, 3 long; men mostly short, women mostly long
+        "hair_style": int(rng.choice(4, p=(0.45, 0.4, 0.1, 0.05) if male else (0.05, 0.15, 0.4, 0.4))),
+        "face_width": round(float(rng.uniform(0.31, 0.37) + (0.015 if male else 0)), 4),
+        "face_height": round(float(rng.uniform(0.40, 0.46)), 4),
+        "eye_spacing": round(float(rng.uniform(0.36, 0.48)), 4),
+        "eye_size": round(float(rng.uniform(0.85, 1.2) * (1.1 if age_group == 0 else 1.0)), 4),
+        "iris": int(rng.integers(len(IRIS_COLOURS))),
+        "nose_length": round(float(rng.uniform(0.22, 0.34)), 4),
+        "nose_width": round(float(rng.uniform(0.10, 0.17)), 4),
+        "mouth_width": round(float(rng.uniform(0.38, 0.52)), 4),
+        "brow_weight": round(float(rng.uniform(0.8, 1.3) * (1.25 if male else 1.0)), 4),
+        "beard": int(rng.choice(3, p=(0.5, 0.3, 0.2))) if male and age_group > 0 else 0,
+        # a mole somewhere on the cheeks (or none: x = 0)
+        "mole_x": round(float(rng.choice([0.0, rng.uniform(-0.6, 0.6)])), 4),
+        "mole_y": round(float(rng.uniform(0.0, 0.4)), 4),
     }
+
+
+def _expression_dict(vec) -> dict:
+    return {k: round(float(v), 4) for k, v in zip(EXPRESSION_FIELDS, vec, strict=True)}
+
+
+def sample_attributes(expression: emo135.Expression, i: int) -> dict:
+    """Identity and expression of Emo135 stand-in image `i` of a class (small per-image jitter)."""
+    rng = np.random.default_rng([11, expression.index, i])
+    expr = _clip_expression(
+        class_expression(expression) + rng.normal(0, IMAGE_JITTER, len(EXPRESSION_FIELDS))
+    )
+    return {**sample_identity(rng), **_expression_dict(expr)}
 
 
 def render_face(a: dict, size: int = DEFAULT_SIZE, supersample: int = 4) -> Image.Image:
     """Draw one face from its attributes on a plain light background.
 
     Shading (eye sockets, nose, ears, neck) and a slight blur make the faces findable by a real face
-    detector (dlib's MMOD finds about nine in ten), so the default run exercises real detection.
+    detector, so the default run exercises real detection.
     """
     s = size * supersample
     img = Image.new("RGB", (s, s), BACKGROUND)
     d = ImageDraw.Draw(img)
     cx, cy = s / 2, s * 0.52
-    fw, fh = a["face_width"] * s, a["face_height"] * s
-    skin = SKIN_TONES[a["skin_tone"]]
+    age = a["age_group"]
+    fw, fh = a["face_width"] * s, a["face_height"] * s * (0.95 if age == 0 else 1.0)
+    skin = (a["skin_r"], a["skin_g"], a["skin_b"])
     shade = tuple(int(c * 0.8) for c in skin)
     dark = tuple(int(c * 0.45) for c in skin)
-    hair = HAIR_COLOURS[a["hair_colour"]] if a["age"] < 0.8 else (200, 200, 200)
+    line = tuple(int(c * 0.62) for c in skin)
+    grey = min(1.0, max(0.0, (age - 3) / 3))  # greying from the late middle-aged group on
+    hair = tuple(
+        int(h * (1 - grey) + g * grey) for h, g in zip(HAIR_COLOURS[a["hair_colour"]], GREY, strict=True)
+    )
+    style = a["hair_style"]
+    lw = max(2, s // 64)
 
-    # shoulders, hair behind the head, neck, ears, face
+    # shoulders, long hair behind the head, neck, ears, face
     d.ellipse((cx - fw * 1.6, cy + fh * 0.85, cx + fw * 1.6, cy + fh * 2.6), fill=(90, 110, 140))
-    if a["hair_length"] > (0.35 if a["gender"] == "female" else 0.85):
-        d.rectangle((cx - fw * 1.1, cy - fh * 0.6, cx + fw * 1.1, cy + fh * 0.9), fill=hair)
+    if style >= 2:
+        bottom = cy + fh * (0.55 if style == 2 else 1.05)
+        d.rounded_rectangle(
+            (cx - fw * 1.15, cy - fh * 0.7, cx + fw * 1.15, bottom), radius=fw * 0.3, fill=hair
+        )
     d.rectangle((cx - fw * 0.35, cy + fh * 0.6, cx + fw * 0.35, cy + fh * 1.1), fill=shade)
     for side in (-1, 1):
         ex = cx + side * fw * 0.95
         d.ellipse((ex - fw * 0.12, cy - fh * 0.2, ex + fw * 0.12, cy + fh * 0.15), fill=shade)
     d.ellipse((cx - fw, cy - fh, cx + fw, cy + fh), fill=skin)
+    if a["beard"]:
+        beard = tuple(int(h * 0.8 + c * 0.2) for h, c in zip(hair, skin, strict=True))
+        if a["beard"] == 1:  # stubble: a darker lower face
+            beard = tuple(int(c * 0.72 + h * 0.28) for h, c in zip(hair, skin, strict=True))
+        d.chord((cx - fw, cy - fh * 0.2, cx + fw, cy + fh), 10, 170, fill=beard)
+
+    # age: forehead lines from the middle-aged group, cheek folds for seniors
+    for k in range(max(0, age - 2)):
+        y = cy - fh * (0.55 + 0.07 * k)
+        d.arc((cx - fw * 0.5, y - fh * 0.05, cx + fw * 0.5, y + fh * 0.05), 200, 340, fill=line, width=lw)
+    if age >= 5:
+        for side in (-1, 1):
+            x = cx + side * fw * 0.42
+            d.line((x, cy + fh * 0.2, x + side * fw * 0.08, cy + fh * 0.55), fill=line, width=lw)
 
     # eye sockets, then hair over the forehead, then eyes: openness scales the visible height
-    ex, ey = fw * 0.42, cy - fh * 0.12
+    ex, ey = fw * a["eye_spacing"] * 1.05, cy - fh * 0.12
+    ew = fw * 0.2 * a["eye_size"]
     for side in (-1, 1):
         x = cx + side * ex
-        d.ellipse((x - fw * 0.3, ey - fh * 0.16, x + fw * 0.3, ey + fh * 0.14), fill=shade)
-    d.chord((cx - fw * 1.05, cy - fh * 1.08, cx + fw * 1.05, cy), 180, 360, fill=hair)
-    eh = fh * 0.12 * a["eye_open"]
+        d.ellipse((x - ew * 1.5, ey - fh * 0.16, x + ew * 1.5, ey + fh * 0.14), fill=shade)
+    if style == 0:
+        d.chord((cx - fw * 1.0, cy - fh * 1.04, cx + fw * 1.0, cy - fh * 0.35), 180, 360, fill=hair)
+    elif style == 1:  # side part: a fringe heavier on one side
+        d.chord((cx - fw * 1.05, cy - fh * 1.08, cx + fw * 1.05, cy - fh * 0.1), 180, 360, fill=hair)
+        d.pieslice((cx - fw * 1.05, cy - fh * 1.0, cx + fw * 0.2, cy - fh * 0.2), 180, 270, fill=hair)
+    else:
+        d.chord((cx - fw * 1.05, cy - fh * 1.08, cx + fw * 1.05, cy), 180, 360, fill=hair)
+    eh = fh * 0.12 * a["eye_open"] * a["eye_size"]
+    lid = eh * 0.6 * a["cheek_raise"]  # raised cheeks push the lower lids up
+    iris = IRIS_COLOURS[a["iris"]]
     for side in (-1, 1):
         x = cx + side * ex
-        d.ellipse((x - fw * 0.2, ey - eh, x + fw * 0.2, ey + eh), fill=(250, 250, 250))
         r = min(eh, fw * 0.09)
-        d.ellipse((x - r, ey - r, x + r, ey + r), fill=(40, 30, 25))
+        for half, fill in ((ew, (250, 250, 250)), (r, iris), (r * 0.45, (15, 10, 10))):
+            top = ey - min(half, eh)
+            d.ellipse((x - half, top, x + half, max(top, ey + min(half, eh) - lid)), fill=fill)
+        if a["cheek_raise"] > 0.3:  # cheek bulges under the eyes
+            cyl = ey + eh + fh * 0.06
+            d.arc((x - ew, cyl - fh * 0.05, x + ew, cyl + fh * 0.05), 200, 340, fill=line, width=lw)
 
     # brows: raise lifts both; tilt > 0 lifts the inner ends (worry), < 0 lowers them (anger)
     by = ey - fh * (0.2 + 0.12 * a["brow_raise"])
     tilt = fh * 0.1 * a["brow_tilt"]
+    bw = max(2, int(s / 30 * a["brow_weight"]))
     for side in (-1, 1):
-        inner, outer = cx + side * fw * 0.15, cx + side * fw * 0.65
-        d.line((inner, by - tilt, outer, by + tilt * 0.3), fill=dark, width=max(2, s // 30))
+        inner, outer = cx + side * fw * 0.12, cx + side * (ex + ew * 1.3)
+        d.line(
+            (inner, by - tilt, outer, by + tilt * 0.3), fill=hair if a["hair_colour"] < 2 else dark, width=bw
+        )
 
-    # nose
-    d.polygon(
-        [(cx, ey + fh * 0.05), (cx - fw * 0.13, cy + fh * 0.28), (cx + fw * 0.13, cy + fh * 0.28)], fill=shade
-    )
+    # nose, with wrinkles across the bridge (AU9)
+    nl, nw = fh * a["nose_length"], fw * a["nose_width"]
+    d.polygon([(cx, ey + fh * 0.05), (cx - nw, ey + nl), (cx + nw, ey + nl)], fill=shade)
     for side in (-1, 1):
-        nx = cx + side * fw * 0.08
-        d.ellipse((nx - fw * 0.04, cy + fh * 0.24, nx + fw * 0.04, cy + fh * 0.3), fill=dark)
+        nx = cx + side * nw * 0.6
+        d.ellipse((nx - fw * 0.04, ey + nl - fh * 0.04, nx + fw * 0.04, ey + nl + fh * 0.02), fill=dark)
+    for k in range(int(round(3 * a["nose_wrinkle"]))):
+        y = ey + fh * (0.02 + 0.05 * k)
+        d.line((cx - fw * 0.12, y, cx + fw * 0.12, y), fill=line, width=lw)
+    if a["mole_x"]:
+        mx, my_ = cx + a["mole_x"] * fw * 0.8, cy + a["mole_y"] * fh
+        d.ellipse((mx - fw * 0.035, my_ - fw * 0.035, mx + fw * 0.035, my_ + fw * 0.035), fill=dark)
 
     # mouth: corners rise for a smile (curve > 0) and fall for a frown; openness draws the inside
-    my, mw = cy + fh * 0.5, fw * 0.45
+    my, mw = cy + fh * 0.5, fw * a["mouth_width"]
     curve = fh * 0.14 * a["mouth_curve"]
     opening = fh * 0.22 * a["mouth_open"]
+    lips = (170, 60, 70) if a["gender"] == "female" else (150, 70, 64)
     if opening > fh * 0.02:
         top = my - opening / 2 + curve * 0.3
         d.ellipse((cx - mw * 0.7, top, cx + mw * 0.7, top + opening), fill=(90, 20, 30))
+        if a["mouth_open"] > 0.35:  # teeth
+            d.rectangle(
+                (cx - mw * 0.45, top + opening * 0.08, cx + mw * 0.45, top + opening * 0.3),
+                fill=(240, 236, 226),
+            )
     pts = [(x, my - curve * (((x - cx) / mw) ** 2 - 0.5)) for x in np.linspace(cx - mw, cx + mw, 9)]
-    d.line(pts, fill=(150, 60, 60), width=max(3, s // 36))
+    d.line(pts, fill=lips, width=max(3, s // 36))
     img = img.filter(ImageFilter.GaussianBlur(s / 160))
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-IDENTITY_FIELDS = ("gender", "skin_tone", "hair_colour", "hair_length", "face_width", "face_height", "age")
-
-
 def identity_pairs(n: int, seed: int = 0, size: int = 2 * DEFAULT_SIZE):
     """`n` labelled pairs of rendered faces, half of one identity under two expressions, half of two
-    identities under one expression: the stand-in world's verification pairs (identities are exact here).
+    identities under one expression: the world's verification pairs (identities are exact here).
     Yields (image a, image b, same identity)."""
     classes = emo135.classes()
     rng = np.random.default_rng([13, seed])

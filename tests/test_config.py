@@ -60,6 +60,10 @@ def _raw():
         (("prompts", "default", "races"), ["White", "White"], "prompts.default.races"),
         (("models", "default", "dtype"), "float8", "models.default.dtype"),
         (("finetune", "default", "lr"), "fast", "finetune.default.lr"),
+        (("memorization", "default", "identity"), "facenet", "memorization.default.identity"),
+        (("prompts", "default", "negative"), None, "prompts.default.negative"),
+        (("world", "default", "base_steps"), 0, "world.default.base_steps"),
+        (("ablation", "paper", "alpha"), -1, "ablation.paper.alpha"),
     ],
 )
 def test_bad_value_names_its_key(path, value, key):

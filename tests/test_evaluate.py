@@ -154,3 +154,49 @@ def test_lpips_trunk_loads_from_a_torchvision_state_dict(tmp_path):
     save_file({"features.0.weight": state["features.0.weight"]}, tmp_path / "partial.safetensors")
     with pytest.raises(RuntimeError, match="Missing key"):
         models.lpips_model(str(tmp_path / "partial.safetensors"))
+
+
+def test_other_variant_pairs_are_labelled_and_the_ablation_summary_reads_both(
+    evaluated, prepared, default, eval_params, tmp_path
+):
+    from geneava import ablation
+
+    gen, out, first = evaluated
+    cache = tmp_path / "embeddings"
+    shutil.copytree(out / "embeddings", cache)
+    results = {
+        "vs_finetuned": evaluate.evaluate(
+            default["models"],
+            eval_params,
+            prepared,
+            gen,
+            tmp_path / "a",
+            detector=WholeImage(),
+            variants={"finetuned": gen / "finetuned", "alpha0": gen / "baseline"},
+            cache_dir=cache,
+        ),
+        "vs_baseline": evaluate.evaluate(
+            default["models"],
+            eval_params,
+            prepared,
+            gen,
+            tmp_path / "b",
+            detector=WholeImage(),
+            variants={"alpha0": gen / "finetuned", "baseline": gen / "baseline"},
+            cache_dir=cache,
+        ),
+    }
+    table = (tmp_path / "a" / "table1.md").read_text()
+    assert "GenEAva, α = 0 (no L_exp)" in table and "Δ fine-tuned − α = 0" in table
+    assert "paper:" not in table  # the paper's rows belong beside fine-tuned vs baseline only
+    diff = results["vs_finetuned"]["result"]["per_class_pairs"]["difference"]["exp"]
+    assert diff == first["result"]["per_class_pairs"]["difference"]["exp"]  # same images, same draws
+    summary = ablation.summary_table(results, 1.0, 0.0)
+    assert summary.loc["Exp. ↓", "α = 1"] == pytest.approx(
+        first["result"]["per_class_pairs"]["finetuned"]["exp"]["mean"]
+    )
+    baseline = first["result"]["per_class_pairs"]["baseline"]["exp"]["mean"]
+    assert summary.loc["Exp. ↓", "α = 0"] == pytest.approx(baseline)  # "α = 0" was the baseline's images
+    assert summary.loc["Exp. ↓", "baseline"] == pytest.approx(baseline)
+    assert "[" in summary.loc["Exp. ↓", "α = 1 − α = 0"]
+    assert ablation.summary_markdown(summary, 1.0, 0.0).count("|") > 20

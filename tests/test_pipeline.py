@@ -21,8 +21,22 @@ pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 # stages reading generated images; they rerun when the images change (their caches and avatars are
 # `persist: true`, outside DVC's run cache), and their caches keep reruns cheap
-AFTER_GENERATE = {"evaluate", "memorization", "stylize"}
+AFTER_GENERATE = {"evaluate", "memorization", "stylize", "ablation"}
 CACHEABLE = {"release", "userstudy"}
+SMALL = {
+    ("prepare", "default", "finetune_per_class"): 1,
+    ("prepare", "default", "eval_per_class"): 2,
+    ("finetune", "default", "epochs"): 1,
+    ("finetune", "default", "batch_size"): 4,
+    ("finetune", "default", "checkpoint_every"): 20,
+    ("generate", "default", "limit"): 8,
+    ("generate", "default", "steps"): 4,
+    ("generate", "default", "batch_size"): 4,
+    ("evaluate", "default", "include"): "all",
+    ("memorization", "default", "include"): "all",
+    ("stylize", "default", "include"): "all",
+    ("release", "default", "include"): "all",
+}
 
 
 def _run(args, cwd, check=True):
@@ -69,6 +83,10 @@ def clone(tmp_path_factory) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     _run(["git", "init", "-q"], dest)
+    # the DAG's machinery at a smaller size than the default run (which `make repro` shows in ~10 min):
+    # fewer images and steps, and every image used whatever QC says
+    for path, value in SMALL.items():
+        _edit(dest, path, value)
     _run([sys.executable, "-m", "geneava.standin", "--ensure", "data"], dest)
     _run([BIN / "dvc", "repro"], dest)
     return dest
@@ -76,7 +94,8 @@ def clone(tmp_path_factory) -> Path:
 
 def test_repro_runs_every_stage_through_papermill(clone):
     stages = yaml.safe_load((clone / "dvc.yaml").read_text())["stages"]
-    for name in stages:
+    assert stages["world"].get("frozen") and (clone / "models/world/00_world.ipynb").is_file()  # committed
+    for name in set(stages) - {"world"}:
         executed = list((clone / "outputs" / name).glob("*.ipynb"))
         assert len(executed) == 1, f"stage {name} left no executed notebook"
         nb = json.loads(executed[0].read_text())
@@ -90,7 +109,7 @@ def test_repro_runs_every_stage_through_papermill(clone):
     assert report["eval_images"] == 135 * prep["eval_per_class"]
     assert report["status"]["no face"] > 0 and report["status"]["duplicate across classes"] > 0
     assert (clone / "outputs/finetune/lora/pytorch_lora_weights.safetensors").is_file()
-    for variant in ("finetuned", "baseline"):  # same rows, QC'd (the tiny model draws noise: QC says so)
+    for variant in ("finetuned", "baseline"):  # same rows, QC'd
         m = pd.read_csv(clone / f"outputs/generate/{variant}/manifest.csv", keep_default_na=False)
         assert (
             len(m) == 8
@@ -109,7 +128,7 @@ def test_repro_runs_every_stage_through_papermill(clone):
     assert "GenEAva (fine-tuned)" in (clone / "outputs/evaluate/table1.md").read_text()
     # the identity audit ran a real identity model and derived a threshold from labelled pairs
     memo = json.loads((clone / "outputs/memorization/metrics.json").read_text())
-    assert memo["identity_model"] in ("dlib-resnet-128", "arcface (buffalo_l)")
+    assert memo["identity_model"] == "world-arcface (identity.safetensors)"
     assert memo["generated_images"] == 8 and memo["finetune"]["images"] == 135 * prep["finetune_per_class"]
     assert (
         memo["derived"]["pairs"]
@@ -148,12 +167,14 @@ def test_everything_up_to_date_and_second_repro_is_a_no_op(clone):
 @pytest.mark.parametrize(
     "path, value, changed",
     [
-        (("generate", "default", "steps"), 3, {"generate"}),
-        (("finetune", "default", "lr"), 2.0e-4, {"finetune"}),
+        (("generate", "default", "steps"), 3, {"generate", "ablation"}),
+        (("finetune", "default", "lr"), 2.0e-4, {"finetune", "ablation"}),
         (("prepare", "default", "seed"), 1, {"prepare"}),
-        (("prompts", "default", "negative"), "blurry", {"finetune", "generate", "stylize"}),
+        (("prompts", "default", "negative"), "blurry", {"finetune", "generate", "stylize", "ablation"}),
         (("finetune", "paper", "lr"), 2.0e-6, set()),  # another profile's value touches nothing here
-        (("evaluate", "default", "n_boot"), 500, {"evaluate"}),
+        (("world", "default", "lr"), 5.0e-4, set()),  # frozen: the committed world models stay
+        (("evaluate", "default", "n_boot"), 500, {"evaluate", "ablation"}),
+        (("ablation", "default", "alpha"), 0.5, {"ablation"}),
         (("memorization", "default", "threshold"), 0.7, {"memorization"}),
         (("stylize", "default", "colors"), 8, {"stylize"}),
         (("release", "default", "balance"), "strict", {"release"}),

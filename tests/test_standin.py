@@ -45,3 +45,25 @@ def test_ensure_never_overwrites(tmp_path):
     assert standin.main([str(tmp_path), "--ensure"]) == 0
     assert sorted(p.name for p in (tmp_path / "emo135").iterdir()) == ["joy"]
     assert (real / "mine.jpg").read_bytes() == b"user data"
+
+
+def test_people_carry_the_prompt_groups():
+    rng = np.random.default_rng(0)
+    person = standin.sample_identity(rng, race="Black", gender="male", age_group=6)
+    assert (person["race"], person["gender"], person["age_group"]) == ("Black", "male", 6)
+    skin = {
+        r: np.mean(
+            [
+                sum(standin.sample_identity(rng, race=r)[k] for k in ("skin_r", "skin_g", "skin_b"))
+                for _ in range(20)
+            ]
+        )
+        for r in ("White", "Black")
+    }
+    assert skin["White"] > skin["Black"] + 200
+    assert set(standin.IDENTITY_FIELDS) <= set(person)
+    # the same person under two expressions differs only where the expression is drawn
+    a = {**person, **standin._expression_dict(standin.coarse_expression("joy"))}
+    b = {**person, **standin._expression_dict(standin.coarse_expression("anger"))}
+    assert np.asarray(standin.render_face(a)).tolist() != np.asarray(standin.render_face(b)).tolist()
+    assert np.asarray(standin.render_face(a)).tolist() == np.asarray(standin.render_face(dict(a))).tolist()
