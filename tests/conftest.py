@@ -46,7 +46,13 @@ def standin_root(tmp_path_factory) -> Path:
 def prepared(tmp_path_factory, standin_root, default) -> Path:
     """A prepared split (1 fine-tuning + 2 evaluation per class) of the first 12 classes."""
     out = tmp_path_factory.mktemp("prepare")
-    p = dict(default["prepare"], source=str(standin_root / "emo135"), classes=12)
+    p = dict(
+        default["prepare"],
+        source=str(standin_root / "emo135"),
+        classes=12,
+        finetune_per_class=1,
+        eval_per_class=2,
+    )
     data.prepare(p, out, standin_root, detector=WholeImage())
     return out
 

@@ -123,6 +123,7 @@ def planted(tmp_path_factory, people, default):
         default["memorization"],
         identity="dlib",
         derive="none",
+        removal_rule="auto",  # dlib: its own rule
         include="kept",
         review_pairs=3,
         reference="celeb",
