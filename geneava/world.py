@@ -329,12 +329,22 @@ def pretrain(params: dict, prompt_params: dict, out_dir: Path, phases: tuple[str
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     seed, size = params["seed"], params["size"]
     corpus = prompts.vocabulary(prompt_params)
-    keys = {
-        "vae": _fingerprint("vae", params, size),
-        "base": _fingerprint("base", params, prompt_params),
-        "expression": _fingerprint("expression", params),
-        "identity": _fingerprint("identity", params),
+    common = {k: params[k] for k in ("seed", "size", "batch_size", "lr")}
+    own = {
+        "vae": ("pool", "vae_steps", "vae_kl"),
+        "base": ("pool", "base_steps", "caption_dropout"),
+        "expression": ("expression_per_class", "expression_steps"),
+        "identity": (
+            "identity_people",
+            "identity_views",
+            "identity_steps",
+            "arcface_scale",
+            "arcface_margin",
+        ),
     }
+    # each phase is keyed by the settings it reads, so changing one phase's settings retrains only it
+    keys = {ph: _fingerprint(ph, common, {k: params[k] for k in own[ph]}) for ph in PHASES}
+    keys["base"] = _fingerprint(keys["base"], prompt_params)
     keys["base"] = _fingerprint(keys["base"], keys["vae"])  # a new VAE means a new base model
 
     def finished(phase: str) -> bool:
