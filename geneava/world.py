@@ -37,7 +37,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from geneava import config, emo135, models, poster, prompts, standin
+from geneava import checkpoints, config, emo135, models, poster, prompts, standin
 from geneava.identity import WorldArcFace, arcface_logits
 from geneava.io import atomic_write_text, write_json
 
@@ -153,7 +153,7 @@ def _lr(step: int, total: int, lr: float, warmup: int = 50) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def _loop(params, model_params, steps: int, lr: float, step_fn, desc: str) -> list[float]:
+def _loop(params, steps: int, lr: float, step_fn, desc: str) -> list[float]:
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     bar = tqdm(range(steps), desc=desc, unit="step")
@@ -183,7 +183,7 @@ def train_vae(vae, pool: torch.Tensor, p: dict, seed: int) -> tuple[list[float],
         rec = vae.decode(post.sample(generator=g)).sample
         return F.l1_loss(rec, x) + F.mse_loss(rec, x) + p["vae_kl"] * post.kl().mean()
 
-    losses = _loop(list(vae.parameters()), None, p["vae_steps"], p["lr"], step, "world vae")
+    losses = _loop(list(vae.parameters()), p["vae_steps"], p["lr"], step, "world vae")
     vae.eval()
     with torch.no_grad():
         z = torch.cat([vae.encode(as_float(c)).latent_dist.mean for c in pool[:512].split(64)])
@@ -225,7 +225,7 @@ def train_base(pipe, latents: torch.Tensor, logvar: torch.Tensor, texts: list[st
         return F.mse_loss(eps, noise)
 
     params = [q for m in (unet, te1, te2) for q in m.parameters()]
-    losses = _loop(params, None, p["base_steps"], p["lr"], step, "world base model")
+    losses = _loop(params, p["base_steps"], p["lr"], step, "world base model")
     for m in (unet, te1, te2):
         m.eval()
     return losses
@@ -248,7 +248,7 @@ def train_classifier(model, forward, pool, labels, steps, p, seed, desc, arcface
             out = arcface_logits(out, arcface, labels[idx], p["arcface_scale"], p["arcface_margin"])
         return F.cross_entropy(out, labels[idx])
 
-    losses = _loop(params, None, steps, p["lr"], step, desc)
+    losses = _loop(params, steps, p["lr"], step, desc)
     model.eval()
     return losses
 
@@ -299,12 +299,6 @@ def check_identity(net, pool: torch.Tensor, labels: np.ndarray, threshold: float
 # ------------------------------------------------------------------ the stage
 
 
-def _fingerprint(*parts) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _save_atomic(path: Path, save) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.is_dir():
@@ -343,9 +337,9 @@ def pretrain(params: dict, prompt_params: dict, out_dir: Path, phases: tuple[str
         ),
     }
     # each phase is keyed by the settings it reads, so changing one phase's settings retrains only it
-    keys = {ph: _fingerprint(ph, common, {k: params[k] for k in own[ph]}) for ph in PHASES}
-    keys["base"] = _fingerprint(keys["base"], prompt_params)
-    keys["base"] = _fingerprint(keys["base"], keys["vae"])  # a new VAE means a new base model
+    keys = {ph: checkpoints.fingerprint(ph, common, {k: params[k] for k in own[ph]}) for ph in PHASES}
+    keys["base"] = checkpoints.fingerprint(keys["base"], prompt_params)
+    keys["base"] = checkpoints.fingerprint(keys["base"], keys["vae"])  # a new VAE means a new base model
 
     def finished(phase: str) -> bool:
         return done.get(phase) == keys[phase] and phase in report
