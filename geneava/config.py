@@ -160,6 +160,8 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "vae_kl": number(0.0),
         "base_steps": integer(1),
         "caption_dropout": number(0.0, 1.0),  # share of captions replaced by the empty (zero) prompt
+        # the base model's captions name a fine class of the primary drawn (class) or the primary itself
+        "base_captions": text(("class", "primary")),
         "expression_per_class": integer(1),
         "expression_steps": integer(1),
         "identity_people": integer(2),
@@ -292,11 +294,21 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "identity_root": text(),
         "identity_pack": text(),
         "identity_threshold": number(0.0, 1.0),  # cosine similarity (paper: 0.68); dlib uses its own rule
+        # expression kept = same predicted class, or (135-class encoder) the same primary emotion, or a
+        # POSTER distance under a threshold derived from world face/avatar pairs (the default world)
+        "expression_level": text(("class", "primary", "derived")),
+        "expression_pairs": integer(10),  # derived: world people, each a same and a different pair
     },
     "ablation": {
         "alpha": number(0.0),  # fine-tune again with this alpha (0: the diffusion loss alone) and compare
     },
+    "refill": {
+        # excluded rows (failed QC, stylization, memorization) are rendered again with their next seeds
+        # until a candidate passes every check, at most this many more times
+        "max_attempts": integer(1),
+    },
     "release": {
+        "refill": boolean,  # take the refill stage's replacements for excluded rows
         "include": text(("kept", "all")),  # kept: only images that passed QC (the paper)
         "honour_memorization": boolean,  # leave out the memorization audit's removal list
         "honour_stylization": boolean,  # leave out pairs that failed the preservation checks

@@ -142,6 +142,34 @@ def derive_threshold(model, pairs: pd.DataFrame, cache_dir: Path) -> dict:
     return out | {"threshold": t, "gain_ratio": ratio, "accuracy": float(((cos >= t) == same).mean())}
 
 
+def same_calls(
+    queries: torch.Tensor,
+    reference: torch.Tensor,
+    threshold: float,
+    own: tuple | None,
+    derived_threshold: float | None,
+    params: dict,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Each query's nearest reference (similarity, index, and the model's own distance where it has a
+    rule) and the same-person call of every rule that applies: paper, deepface, model, derived."""
+    sim, idx = identity.nearest(queries, reference, "cosine", params["block"])
+    calls = identity.verdicts(sim, threshold)
+    dist = None
+    if own is not None:
+        dist, _ = identity.nearest(queries, reference, "euclidean", params["block"])
+        calls["model"] = dist < own[1]
+    if derived_threshold is not None:
+        calls["derived"] = sim >= derived_threshold
+    return sim, idx, dist, calls
+
+
+def removal_rule(params: dict, own: tuple | None) -> str:
+    rule = params["removal_rule"]
+    if rule == "auto":
+        rule = "model" if own is not None else "paper"
+    return rule
+
+
 def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, root: Path, model=None) -> dict:
     """Nearest neighbours of every generated face in the fine-tuning and reference sets, the counts under
     every rule, the removal list and the review sheet. Writes into `out_dir`."""
@@ -175,20 +203,16 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
     nn = gen[["row_id", "file", "expression"]].copy()
     nn["face_found"] = emb_gen["face_found"].numpy()
     summary, flagged = {}, []
+    derived_t = derived["threshold"] if derived is not None else None
     for name, rows in sets.items():
-        sim, idx = identity.nearest(emb_gen["embedding"], emb[name]["embedding"], "cosine", params["block"])
+        sim, idx, dist, calls = same_calls(
+            emb_gen["embedding"], emb[name]["embedding"], t, own, derived_t, params
+        )
         nn[f"{name}_similarity"] = sim.numpy()
         nn[f"{name}_match"] = rows["name"].to_numpy()[idx.numpy()]
         nn[f"{name}_match_path"] = rows["path"].to_numpy()[idx.numpy()]
-        calls = identity.verdicts(sim, t)
-        if own is not None:
-            dist, didx = identity.nearest(
-                emb_gen["embedding"], emb[name]["embedding"], "euclidean", params["block"]
-            )
+        if dist is not None:
             nn[f"{name}_distance"] = dist.numpy()
-            calls["model"] = dist < own[1]
-        if derived is not None and derived["threshold"] is not None:
-            calls["derived"] = sim >= derived["threshold"]
         for rule, call in calls.items():
             nn[f"{name}_same_{rule}"] = call.numpy()
         summary[name] = {
@@ -197,9 +221,7 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
             "max_nn_similarity": float(sim.max()),
             **{f"same_{rule}": int(call.sum()) for rule, call in calls.items()},
         }
-    rule = params["removal_rule"]
-    if rule == "auto":
-        rule = "model" if own is not None else "paper"
+    rule = removal_rule(params, own)
     if f"finetune_same_{rule}" not in nn:
         raise ValueError(
             f"memorization removal_rule '{rule}' does not apply here (identity model {model.name}, "

@@ -4,7 +4,9 @@ per pair, a dataset card, and a balance check.
 The folder loads with stock Hugging Face `datasets`:
 `load_dataset("imagefolder", data_dir=<release>)` gives an `image` (avatar) and a `realistic` column
 (metadata's `file_name` and `realistic_file_name`) plus every metadata field. Images on the removal lists
-of the memorization audit and of the stylization checks are left out and counted. The balance check
+of the memorization audit and of the stylization checks are left out and counted; with `refill: true` such
+a row takes the refill stage's replacement (a later seed that passed every check, `refilled` in its
+metadata) instead. The balance check
 compares every expression x race x gender x age cell with the prompt table the parameters selected;
 `balance: strict` fails the stage when a cell is off, `report` only reports it.
 """
@@ -71,9 +73,49 @@ def assemble(params: dict, outputs: Path) -> tuple[pd.DataFrame, pd.DataFrame, p
         for r in _read(outputs / "stylize" / "removal.csv", "stylize")["row_id"]:
             reasons[r].append("stylization")
     rows["excluded"] = [", ".join(dict.fromkeys(reasons[r])) for r in rows["row_id"]]
+    rows["avatar_path"] = [str(outputs / "stylize" / a) if a else "" for a in rows["avatar"].fillna("")]
+    rows["refilled"] = False
+    if params["refill"]:
+        rows = take_refills(rows, outputs)
     released = rows[rows["excluded"] == ""].reset_index(drop=True)
     excluded = rows.loc[rows["excluded"] != "", ["row_id", "file", "excluded"]].reset_index(drop=True)
     return released, excluded, table
+
+
+def take_refills(rows: pd.DataFrame, outputs: Path) -> pd.DataFrame:
+    """Excluded rows the refill stage found a passing candidate for take that candidate: its face, avatar,
+    seed and scores (nearest-neighbour similarities from the refill's own memorization check)."""
+    refill = _read(outputs / "refill" / "manifest.csv", "refill")
+    if refill.empty:
+        return rows
+    refill = refill[refill["accepted"].astype(str).str.lower() == "true"].set_index("row_id")
+    rows = rows.copy()
+    hit = rows["row_id"].isin(refill.index) & (rows["excluded"] != "")
+    for i in rows.index[hit]:
+        r = refill.loc[rows.at[i, "row_id"]]
+        rows.at[i, "path"] = str(outputs / "refill" / r["refill_file"])
+        rows.at[i, "avatar_path"] = str(outputs / "refill" / r["refill_avatar"])
+        rows.at[i, "seed_used"] = int(r["seed_used"])
+        rows.at[i, "attempt"] = int(r["attempt"])
+        rows.at[i, "qc"] = "pass"
+        rows.at[i, "stylizer"] = str(r["stylizer"])
+        for col in (
+            "identity_similarity",
+            "expression_distance",
+            "finetune_similarity",
+            "reference_similarity",
+        ):
+            if col in rows and col in r:
+                rows.at[i, col] = float(r[col])
+        for col in ("identity_kept", "expression_agrees"):
+            rows.at[i, col] = str(r[col]).lower() == "true"
+        for col in [
+            c for c in rows if "_same_" in c or c.endswith("_distance") and c != "expression_distance"
+        ]:
+            rows.at[i, col] = None  # the audit's per-rule calls were not made for the replacement
+        rows.at[i, "refilled"] = True
+        rows.at[i, "excluded"] = ""
+    return rows
 
 
 def balance(released: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
@@ -108,6 +150,7 @@ def metadata(released: pd.DataFrame) -> list[dict]:
         "identity_kept",
         "expression_distance",
         "expression_agrees",
+        "refilled",
     ]
     keep += [c for c in released if c.startswith(("finetune_", "reference_"))]
     out = []
@@ -133,7 +176,7 @@ def build(params: dict, outputs: Path, out_dir: Path) -> dict:
         split = tmp / "train"
         for r in released.itertuples():
             name = r.file.removeprefix("images/")
-            for kind, src in (("avatars", outputs / "stylize" / r.avatar), ("realistic", Path(r.path))):
+            for kind, src in (("avatars", Path(r.avatar_path)), ("realistic", Path(r.path))):
                 (split / kind / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, split / kind / name)
         records = metadata(released)
@@ -143,6 +186,7 @@ def build(params: dict, outputs: Path, out_dir: Path) -> dict:
             "images": len(released),
             "rows": len(released) + len(excluded),
             "excluded": len(excluded),
+            "refilled": int(released["refilled"].sum()),
             "excluded_by": {
                 reason: int(excluded["excluded"].str.contains(reason).sum())
                 for reason in ("failed QC", "no avatar", "memorization", "stylization")
@@ -237,7 +281,9 @@ def dataset_card(summary: dict, released: pd.DataFrame, outputs: Path) -> str:
         "",
         "# GenEAva 1.0 — cartoon avatars with fine-grained facial expressions",
         "",
-        f"{summary['images']} avatar/realistic pairs; {summary['excluded']} generated rows left out "
+        f"{summary['images']} avatar/realistic pairs, {summary['refilled']} of them replacements rendered by "
+        "the refill stage (a later seed of the same prompt that passed QC, stylization and memorization "
+        f"checks; `refilled` in the metadata); {summary['excluded']} generated rows left out "
         f"({', '.join(f'{k}: {v}' for k, v in summary['excluded_by'].items())}). Load with "
         '`datasets.load_dataset("imagefolder", data_dir=<this folder>)`: column `image` is the avatar, '
         "`realistic` its realistic face; every other column is metadata.",

@@ -5,11 +5,13 @@ The paper starts from SDXL base 1.0, a general model that draws faces and coarse
 CPU, the default profile plays the same story in the procedural world of `standin`:
 
 - `vae` + `base`: an SDXL-architecture pipeline at toy width (`models.WORLD_SDXL`: two text encoders,
-  pooled projection, text_time conditioning), pre-trained from scratch on world faces whose captions use
-  the paper's prompt template but name only the six *primary* expressions, each drawn with its coarse
-  expression (`standin.coarse_expression`). Like SDXL it knows faces, demographics and "joy", and has
-  never seen "delight". 10% of captions are dropped (zero embeddings, SDXL's
-  `force_zeros_for_empty_prompt`) so classifier-free guidance works.
+  pooled projection, text_time conditioning), pre-trained from scratch on world faces captioned with
+  the paper's prompt template, every face drawn with only its primary's *coarse* expression
+  (`standin.coarse_expression`). With `base_captions: class` (the default) the caption names one of the
+  primary's 135 fine words, so, like SDXL, the model knows that "delight" is a kind of joy and draws
+  the joyful face, but cannot draw delight apart from gaiety; with `primary` it has only seen the six
+  primary words. 10% of captions are dropped (zero embeddings, SDXL's `force_zeros_for_empty_prompt`)
+  so classifier-free guidance works.
 - `expression`: POSTER's architecture (`PosterConfig.tiny`) trained to tell the 135 fine-grained
   classes apart on fresh world faces; its feature before the head is E_exp, as in the paper.
 - `identity`: an ArcFace-style network (IR blocks, 128-d embedding, additive angular margin loss)
@@ -78,9 +80,15 @@ def augment(x: torch.Tensor, g: torch.Generator, min_scale: float = 0.65) -> tor
     return roi_align(x, boxes, output_size=(h, w), aligned=True)
 
 
-def base_samples(n: int, seed: int, prompt_params: dict, caption_share: float = 0.2) -> list[dict]:
+def base_samples(
+    n: int, seed: int, prompt_params: dict, captions: str = "class", caption_share: float = 0.2
+) -> list[dict]:
     """Pre-training images of the base model: random people with a *coarse* expression, captioned with
-    the paper's template (or, for `caption_share` of them, the Emo135 caption form)."""
+    the paper's template (or, for `caption_share` of them, the Emo135 caption form). The caption's
+    expression word is the primary itself (`captions="primary"`) or one of its fine classes drawn at
+    random (`"class"`), from a stream of its own: the images are the same either way."""
+    if captions not in ("class", "primary"):
+        raise config.ParamsError(f"world.base_captions must be class or primary, not {captions!r}")
     races = list(prompt_params["races"])
     if sorted(races) != sorted(standin.RACES):
         raise config.ParamsError(
@@ -91,8 +99,9 @@ def base_samples(n: int, seed: int, prompt_params: dict, caption_share: float = 
         raise config.ParamsError(
             f"the world has {standin.AGE_GROUPS} age groups; prompts.ages lists another number"
         )
-    rng = np.random.default_rng([23, seed])
+    rng, words = np.random.default_rng([23, seed]), np.random.default_rng([37, seed])
     primaries = list(standin.PRIMARY_BASE)
+    family = {p: [c.name for c in emo135.classes() if c.primary == p] for p in primaries}
     out = []
     for _ in range(n):
         person = standin.sample_identity(rng)
@@ -100,18 +109,26 @@ def base_samples(n: int, seed: int, prompt_params: dict, caption_share: float = 
         expr = standin.coarse_expression(primary) + rng.normal(
             0, standin.IMAGE_JITTER, len(standin.EXPRESSION_FIELDS)
         )
+        word = primary if captions == "primary" else str(words.choice(family[primary]))
         age = prompt_params["ages"][person["age_group"]]
         if rng.random() < caption_share:
-            text = prompts.caption(prompt_params, primary)
+            text = prompts.caption(prompt_params, word)
         else:
             text = prompt_params["template"].format(
                 article="an" if age[0].lower() in "aeiou" else "a",
                 age=age,
                 race=person["race"],
                 person=prompt_params["genders"][person["gender"]],
-                expression=primary,
+                expression=word,
             )
-        out.append({**person, **standin._expression_dict(standin._clip_expression(expr)), "prompt": text})
+        out.append(
+            {
+                **person,
+                **standin._expression_dict(standin._clip_expression(expr)),
+                "primary": primary,
+                "prompt": text,
+            }
+        )
     return out
 
 
@@ -309,6 +326,28 @@ def _save_atomic(path: Path, save) -> None:
     tmp.replace(path)
 
 
+def phase_keys(params: dict, prompt_params: dict) -> dict[str, str]:
+    """Each phase's fingerprint, of the settings it reads: changing one phase's settings retrains only it
+    (and a new VAE or new prompts mean a new base model)."""
+    common = {k: params[k] for k in ("seed", "size", "batch_size", "lr")}
+    own = {
+        "vae": ("pool", "vae_steps", "vae_kl"),
+        "base": ("pool", "base_steps", "caption_dropout", "base_captions"),
+        "expression": ("expression_per_class", "expression_steps"),
+        "identity": (
+            "identity_people",
+            "identity_views",
+            "identity_steps",
+            "arcface_scale",
+            "arcface_margin",
+        ),
+    }
+    keys = {ph: checkpoints.fingerprint(ph, common, {k: params[k] for k in own[ph]}) for ph in PHASES}
+    keys["base"] = checkpoints.fingerprint(keys["base"], prompt_params)
+    keys["base"] = checkpoints.fingerprint(keys["base"], keys["vae"])  # a new VAE means a new base model
+    return keys
+
+
 def pretrain(params: dict, prompt_params: dict, out_dir: Path, phases: tuple[str, ...] = PHASES) -> dict:
     """Train the world's models into `out_dir` (sdxl/, poster.safetensors, identity.safetensors, report.json).
 
@@ -323,23 +362,7 @@ def pretrain(params: dict, prompt_params: dict, out_dir: Path, phases: tuple[str
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     seed, size = params["seed"], params["size"]
     corpus = prompts.vocabulary(prompt_params)
-    common = {k: params[k] for k in ("seed", "size", "batch_size", "lr")}
-    own = {
-        "vae": ("pool", "vae_steps", "vae_kl"),
-        "base": ("pool", "base_steps", "caption_dropout"),
-        "expression": ("expression_per_class", "expression_steps"),
-        "identity": (
-            "identity_people",
-            "identity_views",
-            "identity_steps",
-            "arcface_scale",
-            "arcface_margin",
-        ),
-    }
-    # each phase is keyed by the settings it reads, so changing one phase's settings retrains only it
-    keys = {ph: checkpoints.fingerprint(ph, common, {k: params[k] for k in own[ph]}) for ph in PHASES}
-    keys["base"] = checkpoints.fingerprint(keys["base"], prompt_params)
-    keys["base"] = checkpoints.fingerprint(keys["base"], keys["vae"])  # a new VAE means a new base model
+    keys = phase_keys(params, prompt_params)
 
     def finished(phase: str) -> bool:
         return done.get(phase) == keys[phase] and phase in report
@@ -374,7 +397,7 @@ def pretrain(params: dict, prompt_params: dict, out_dir: Path, phases: tuple[str
         vae_dir = out_dir / "vae" if (out_dir / "vae").is_dir() else sdxl_dir / "vae"
         pipe.vae = AutoencoderKL.from_pretrained(vae_dir).eval()
         pipe.register_modules(vae=pipe.vae)
-        attrs = base_samples(params["pool"], seed, prompt_params)
+        attrs = base_samples(params["pool"], seed, prompt_params, params["base_captions"])
         pool = render_pool(attrs, size, "render base pool")
         with torch.no_grad():
             dists = [pipe.vae.encode(as_float(c)).latent_dist for c in pool.split(64)]

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 # stages reading generated images; they rerun when the images change (their caches and avatars are
 # `persist: true`, outside DVC's run cache), and their caches keep reruns cheap
-AFTER_GENERATE = {"evaluate", "memorization", "stylize", "ablation"}
+AFTER_GENERATE = {"evaluate", "memorization", "stylize", "ablation", "refill"}
 CACHEABLE = {"release", "userstudy"}
 SMALL = {
     ("prepare", "default", "finetune_per_class"): 1,
@@ -36,6 +36,7 @@ SMALL = {
     ("memorization", "default", "include"): "all",
     ("stylize", "default", "include"): "all",
     ("release", "default", "include"): "all",
+    ("refill", "default", "max_attempts"): 2,
 }
 
 
@@ -167,16 +168,21 @@ def test_everything_up_to_date_and_second_repro_is_a_no_op(clone):
 @pytest.mark.parametrize(
     "path, value, changed",
     [
-        (("generate", "default", "steps"), 3, {"generate", "ablation"}),
+        (("generate", "default", "steps"), 3, {"generate", "ablation", "refill"}),
         (("finetune", "default", "lr"), 2.0e-4, {"finetune", "ablation"}),
         (("prepare", "default", "seed"), 1, {"prepare"}),
-        (("prompts", "default", "negative"), "blurry", {"finetune", "generate", "stylize", "ablation"}),
+        (
+            ("prompts", "default", "negative"),
+            "blurry",
+            {"finetune", "generate", "stylize", "ablation", "refill"},
+        ),
         (("finetune", "paper", "lr"), 2.0e-6, set()),  # another profile's value touches nothing here
         (("world", "default", "lr"), 5.0e-4, set()),  # frozen: the committed world models stay
         (("evaluate", "default", "n_boot"), 500, {"evaluate", "ablation"}),
         (("ablation", "default", "alpha"), 0.5, {"ablation"}),
-        (("memorization", "default", "threshold"), 0.7, {"memorization"}),
-        (("stylize", "default", "colors"), 8, {"stylize"}),
+        (("memorization", "default", "threshold"), 0.7, {"memorization", "refill"}),
+        (("stylize", "default", "colors"), 8, {"stylize", "refill"}),
+        (("refill", "default", "max_attempts"), 3, {"refill"}),
         (("release", "default", "balance"), "strict", {"release"}),
         (("userstudy", "default", "per_hit"), 10, {"userstudy"}),
         (("profile",), "paper", {"prepare", "finetune", "generate", *AFTER_GENERATE, *CACHEABLE}),

@@ -43,7 +43,36 @@ def _world(root: Path, memorized: list[str], failed_stylization: list[str]) -> P
     nearest = pd.DataFrame({"row_id": m["row_id"], "finetune_similarity": 0.3, "reference_similarity": 0.4})
     write_csv(out / "memorization" / "nearest.csv", nearest)
     write_csv(out / "memorization" / "removal.csv", pd.DataFrame({"row_id": memorized}, dtype=str))
+    write_csv(out / "refill" / "manifest.csv", pd.DataFrame({"row_id": [], "accepted": []}))  # none yet
     return out
+
+
+def _refilled(out: Path, row_id: str, append: bool = False) -> None:
+    """The refill stage's record of one accepted replacement (attempt 3)."""
+    name = row_id.split("|")[0] + "/refill.png"
+    save_png(out / "refill" / "images" / name, Image.new("RGB", (16, 16), (0, 0, 255)))
+    save_png(out / "refill" / "avatars" / name, Image.new("RGB", (16, 16), (0, 255, 255)))
+    rec = {
+        "row_id": row_id,
+        "accepted": True,
+        "stylizer": "cartoon",
+        "attempt": 3,
+        "seed_used": 777,
+        "refill_file": f"images/{name}",
+        "refill_avatar": f"avatars/{name}",
+        "identity_similarity": 0.95,
+        "identity_kept": True,
+        "expression_distance": 0.2,
+        "expression_agrees": True,
+        "finetune_similarity": 0.1,
+        "reference_similarity": 0.2,
+    }
+    name = row_id.replace("|", "_") + ".png"
+    rec["refill_file"], rec["refill_avatar"] = f"images/{name}", f"avatars/{name}"
+    save_png(out / "refill" / rec["refill_file"], Image.new("RGB", (16, 16), (0, 0, 255)))
+    save_png(out / "refill" / rec["refill_avatar"], Image.new("RGB", (16, 16), (0, 255, 255)))
+    old = pd.read_csv(out / "refill" / "manifest.csv") if append else pd.DataFrame()
+    write_csv(out / "refill" / "manifest.csv", pd.concat([old, pd.DataFrame([rec])], ignore_index=True))
 
 
 @pytest.fixture
@@ -119,3 +148,37 @@ def test_an_empty_release_is_reported_not_broken(tmp_path, release_params):
     release.figure2(built["released"], tmp_path / "release" / release.NAME, save_to=tmp_path / "figure2.png")
     assert (tmp_path / "figure2.png").stat().st_size > 0
     assert "0 avatar/realistic pairs" in (tmp_path / "release" / release.NAME / "README.md").read_text()
+
+
+def test_refilled_rows_take_their_replacement_and_fill_the_cell(tmp_path, release_params):
+    row, failed = "joy|White|female|adult", "awe|White|male|adult"
+    out = _world(tmp_path, memorized=[row], failed_stylization=[])
+    m = pd.read_csv(out / "generate" / "finetuned" / "manifest.csv")
+    m.loc[m["row_id"] == failed, "qc"] = "no face"  # failed QC: no avatar, no scores (default run's case)
+    write_csv(out / "generate" / "finetuned" / "manifest.csv", m)
+    for stage, name in (
+        ("stylize", "pairs.csv"),
+        ("stylize", "preservation.csv"),
+        ("memorization", "nearest.csv"),
+    ):
+        t = pd.read_csv(out / stage / name)
+        write_csv(out / stage / name, t[t["row_id"] != failed])
+    _refilled(out, row)
+    _refilled(out, failed, append=True)
+    built = release.build(dict(release_params, balance="strict"), out, tmp_path / "release")
+    s = built["summary"]
+    assert s["images"] == 4 and s["refilled"] == 2 and s["excluded"] == 0 and s["cells_off"] == 0
+    assert s["loads_with_datasets"]
+    r = built["released"].set_index("row_id").loc[row]
+    assert r["refilled"] and r["seed_used"] == 777 and r["finetune_similarity"] == 0.1
+    folder = tmp_path / "release" / release.NAME / "train"
+    meta = {json.loads(line)["row_id"]: json.loads(line) for line in (folder / "metadata.jsonl").open()}
+    # the released pair is the replacement's face and avatar, not the removed original
+    avatar = Image.open(folder / meta[row]["file_name"]).convert("RGB").getpixel((0, 0))
+    face = Image.open(folder / meta[row]["realistic_file_name"]).convert("RGB").getpixel((0, 0))
+    assert avatar == (0, 255, 255) and face == (0, 0, 255)
+    assert meta[row]["refilled"] and meta[failed]["refilled"] and meta[failed]["stylizer"] == "cartoon"
+    assert not meta["awe|White|female|adult"]["refilled"]
+    # without refill both rows stay out
+    plain = release.build(dict(release_params, refill=False), out, tmp_path / "r2")["summary"]
+    assert plain["images"] == 2 and plain["refilled"] == 0

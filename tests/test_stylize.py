@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
-from geneava import identity, models, stylize
+from geneava import config, identity, models, stylize
 from tests.conftest import write_generated
 
 
@@ -74,6 +75,10 @@ def test_the_stage_pairs_every_face_with_its_avatar_and_resumes(people, tmp_path
     )
     again = stylize.stylize(default["models"], default["prompts"], params, gen, tmp_path / "out")
     assert again.equals(pairs)
+    # a new revision of the stylizer's code redoes the avatars instead of resuming old ones
+    monkeypatch.setitem(stylize.REVISION, "cartoon", stylize.REVISION["cartoon"] + 1)
+    with pytest.raises(AssertionError, match="redone"):
+        stylize.stylize(default["models"], default["prompts"], params, gen, tmp_path / "out")
     kept = stylize.stylize(
         default["models"],
         default["prompts"],
@@ -93,3 +98,57 @@ def test_sdxl_img2img_stylizer_runs_through_diffusers(default):
     assert [o.size for o in out] == [(64, 64), (64, 64)]
     again = styler.stylize(src, rows)  # seeded per row: the same avatars again
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(out, again, strict=True))
+
+
+def test_cartoon_of_a_small_face_matches_the_cartoon_of_the_large_one():
+    """The cartoonizer's filters are sized for 256 px; a 64 px face (the default's) must come out like
+    the 256 px cartoon brought down to 64 px, not with edges four times too wide (blackened eyes)."""
+    from geneava import emo135, standin
+
+    cartoon = stylize.Cartoon()
+    for i, c in enumerate(emo135.classes()[::45]):
+        face = standin.render_face(standin.sample_attributes(c, i), 256)
+        small = face.resize((64, 64), Image.Resampling.LANCZOS)
+        out = cartoon.one(small)
+        assert out.size == (64, 64)
+        ref = np.asarray(cartoon.one(face).resize((64, 64), Image.Resampling.LANCZOS), dtype=float)
+        assert np.abs(np.asarray(out, dtype=float) - ref).mean() < 8  # measured ~2.5-5.3 (at 64 px: ~10-21)
+
+
+def test_expression_agreement_by_primary_needs_a_135_class_encoder(people, tmp_path):
+    from geneava import emo135, poster
+
+    paths = []
+    for i, p in enumerate(people[:4]):
+        paths.append(tmp_path / f"{i}.png")
+        _portrait(p).save(paths[-1])
+    fine = poster.tiny_poster(0, num_classes=len(emo135.classes())).eval()
+    id_model = identity.DlibIdentity()
+    by_class = stylize.preservation(paths, paths[::-1], id_model, fine, 0.68, expression_level="class")
+    by_primary = stylize.preservation(paths, paths[::-1], id_model, fine, 0.68, expression_level="primary")
+    # a primary groups classes: every class agreement is also a primary agreement
+    assert (by_primary["expression_agrees"] >= by_class["expression_agrees"]).all()
+    with torch.no_grad():
+        from geneava.data import load_images
+
+        pred = fine.classify(load_images([str(p) for p in paths], fine.config.image_size))[0].argmax(1)
+    primary = [emo135.classes()[int(k)].primary for k in pred]
+    assert by_primary["expression_agrees"].tolist() == [
+        a == b for a, b in zip(primary, primary[::-1], strict=True)
+    ]
+    with pytest.raises(config.ParamsError, match="135 Emo135 classes"):
+        stylize.preservation(
+            paths, paths, id_model, models.expression_encoder("tiny", 0), 0.68, expression_level="primary"
+        )
+
+
+def test_derived_expression_check_separates_own_avatars_from_other_expressions(default):
+    """The world-calibrated check: with a pass-through "stylizer" a face's own avatar is at distance 0 and
+    the split is near perfect; the cartoonizer's pairs are reported with their (weaker) accuracy."""
+    encoder = models.expression_encoder(default["models"]["expression"], 0)
+    control = stylize.derive_expression_threshold(stylize.Passthrough(), encoder, 20, 64)
+    assert control["mean_distance_same"] == pytest.approx(0.0, abs=1e-6)
+    assert control["accuracy"] >= 0.9 and control["threshold"] < control["mean_distance_different"]
+    cartoon = stylize.derive_expression_threshold(stylize.Cartoon(), encoder, 20, 64)
+    assert cartoon["mean_distance_same"] < cartoon["mean_distance_different"]
+    assert 0.5 < cartoon["accuracy"] <= 1.0

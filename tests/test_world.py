@@ -22,6 +22,7 @@ TINY = dict(
     vae_kl=1e-6,
     base_steps=2,
     caption_dropout=0.1,
+    base_captions="class",
     expression_per_class=1,
     expression_steps=2,
     identity_people=6,
@@ -84,19 +85,30 @@ def test_a_rerun_skips_finished_phases_and_a_new_setting_retrains_only_its_phase
     assert ran == ["world ArcFace"]
 
 
-def test_base_model_captions_name_only_coarse_expressions(prompt_params):
-    samples = world.base_samples(200, 0, prompt_params)
+def test_base_model_sees_fine_words_but_only_coarse_faces(prompt_params):
+    """SDXL's analogue: captions name one of 135 fine words ("delight"), the face shows its primary's coarse
+    expression; with `primary` captions only the six primary words occur. The images are the same."""
+    by_class = world.base_samples(200, 0, prompt_params)
+    by_primary = world.base_samples(200, 0, prompt_params, captions="primary")
     primaries = set(standin.PRIMARY_BASE)
-    fine_only = set(emo135.names()) - primaries
-    for s in samples:
+    primary_of = {c.name: c.primary for c in emo135.classes()}
+    seen = set()
+    for s, p in zip(by_class, by_primary, strict=True):
         words = set(s["prompt"].rstrip(".").replace(",", "").split())
-        assert words & primaries and not words & fine_only
+        named = [w for w in primary_of if w in words]
+        assert len(named) == 1 and primary_of[named[0]] == s["primary"]
+        seen.add(named[0])
         vec = np.array([s[f] for f in standin.EXPRESSION_FIELDS])
-        primary = (words & primaries).pop()
-        assert np.abs(vec - standin.coarse_expression(primary)).max() < 0.25
-    assert any(s["prompt"].startswith("A photo of a face") for s in samples)  # the caption form too
+        assert np.abs(vec - standin.coarse_expression(s["primary"])).max() < 0.25
+        assert {k: v for k, v in s.items() if k != "prompt"} == {k: v for k, v in p.items() if k != "prompt"}
+        p_words = set(p["prompt"].rstrip(".").replace(",", "").split())
+        assert p_words & primaries == {p["primary"]} and not p_words & (set(primary_of) - primaries)
+    assert len(seen - primaries) > 50  # many fine words, not just the primaries
+    assert any(s["prompt"].startswith("A photo of a face") for s in by_class)  # the caption form too
     with pytest.raises(config.ParamsError, match="world's groups"):
         world.base_samples(2, 0, {**prompt_params, "races": ["Martian"]})
+    with pytest.raises(config.ParamsError, match="base_captions"):
+        world.base_samples(2, 0, prompt_params, captions="fine")
 
 
 def test_arcface_margin_lowers_only_the_true_class_logit():

@@ -1,0 +1,102 @@
+"""Refill: every row the release would leave out gets later seeds until a candidate passes QC, the
+stylization checks and the memorization rule; accepted rows are written once, a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from geneava import generate, refill, stylize
+from geneava.io import write_csv, write_json
+
+from .test_generate import FailsFirst, Passes
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, default, trained, prepared):
+    """outputs/ as the stages before refill leave it: row 0 failed QC, row 1 is on the stylization removal
+    list, row 2 on the memorization removal list, row 3 is fine."""
+    out = tmp_path_factory.mktemp("refill") / "outputs"
+    out.mkdir()
+    (out / "prepare").symlink_to(prepared)
+    (out / "finetune").symlink_to(trained)
+    p = {**default["generate"], "limit": 4, "steps": 2, "batch_size": 4, "qc": True, "max_retries": 0}
+    m = generate.generate(
+        default["models"],
+        default["prompts"],
+        p,
+        out / "generate" / "finetuned",
+        trained / "lora",
+        FailsFirst(1),
+    )
+    assert (m["qc"] == "pass").tolist() == [False, True, True, True]
+    write_csv(out / "stylize" / "removal.csv", pd.DataFrame({"row_id": [m.at[1, "row_id"]]}))
+    write_csv(out / "memorization" / "removal.csv", pd.DataFrame({"row_id": [m.at[2, "row_id"]]}))
+    write_json(out / "memorization" / "metrics.json", {"removal_rule": "paper"})
+    return out, m
+
+
+def _run(default, outputs, out_dir, stylize_over=None, **over):
+    out, _ = outputs
+    return refill.refill(
+        default["models"],
+        default["prompts"],
+        {**default["generate"], "steps": 2, "batch_size": 4},
+        {
+            **default["stylize"],
+            "stylizer": "passthrough",
+            "expression_level": "class",
+            **(stylize_over or {}),
+        },
+        {**default["memorization"], "threshold": 0.999},
+        {**default["refill"], **over},
+        out,
+        out_dir,
+        out.parent,
+        detector=Passes(),
+    )
+
+
+def test_excluded_rows_get_later_seeds_that_pass_every_check(default, outputs, tmp_path, monkeypatch):
+    out, m = outputs
+    got = _run(default, outputs, tmp_path / "refill", max_attempts=2)
+    assert got["row_id"].tolist() == m["row_id"][:3].tolist()
+    assert got["reason"].tolist() == ["failed QC", "stylization", "memorization"]
+    assert got["accepted"].all()
+    for r in got.itertuples():
+        first = int(m.loc[m["row_id"] == r.row_id, "attempt"].iloc[0])
+        assert r.attempt == first + 1  # the next seed after the ones generate used
+        assert (
+            r.seed_used
+            == generate.retry_seed(int(r.seed), r.attempt)
+            != generate.retry_seed(int(r.seed), first)
+        )
+        assert (tmp_path / "refill" / r.refill_file).is_file() and (
+            tmp_path / "refill" / r.refill_avatar
+        ).is_file()
+    report = json.loads((tmp_path / "refill" / "report.json").read_text())
+    assert report["refilled"] == 3 and report["given_up"] == 0
+    assert not (tmp_path / "refill" / "candidates").exists()
+
+    # a rerun renders nothing: every row has its record
+    monkeypatch.setattr(generate, "render", lambda *a, **k: pytest.fail("rendered again"))
+    again = _run(default, outputs, tmp_path / "refill", max_attempts=2)
+    pd.testing.assert_frame_equal(again, got)
+
+
+def test_rows_that_never_pass_are_given_up_after_max_attempts(default, outputs, tmp_path, monkeypatch):
+    real = stylize.preservation
+
+    def identity_lost(*a, **k):  # every avatar fails the identity check
+        return real(*a, **k).assign(identity_kept=False)
+
+    monkeypatch.setattr(stylize, "preservation", identity_lost)
+    got = _run(default, outputs, tmp_path / "refill", max_attempts=2)
+    assert not got["accepted"].any()
+    assert (got["candidates"] == 2).all()
+    assert (got["failures"] == "stylization; stylization").all()
+    assert not list((tmp_path / "refill" / "images").rglob("*.png"))  # nothing released for them
+    report = json.loads((tmp_path / "refill" / "report.json").read_text())
+    assert report["given_up"] == 3 and report["attempts_rendered"] == 6
