@@ -181,22 +181,9 @@ def refill(
     if len(todo) < len(rows):
         log.info("resuming: %d of %d rows already refilled or given up", len(rows) - len(todo), len(rows))
     if len(todo):
-        _refill_rows(
-            p,
-            prompt_params,
-            todo,
-            record,
-            lora_file,
-            id_model,
-            sty_id,
-            rule,
-            derived,
-            outputs,
-            out_dir,
-            root,
-            detector,
-            expr_t,
-        )
+        ctx = dict(p, prompt_params=prompt_params, lora_file=lora_file, id_model=id_model, sty_id=sty_id)
+        ctx |= dict(rule=rule, derived=derived, expr_t=expr_t, outputs=outputs, out_dir=out_dir, root=root)
+        _refill_rows(ctx, todo, record, detector)
 
     done = pd.DataFrame([json.loads(record[f].read_text()) for f in rows["file"]]) if len(rows) else None
     keep = [
@@ -228,22 +215,13 @@ def refill(
     return manifest
 
 
-def _refill_rows(
-    p,
-    prompt_params,
-    todo,
-    record,
-    lora_file,
-    id_model,
-    sty_id,
-    rule,
-    derived,
-    outputs,
-    out_dir,
-    root,
-    detector,
-    expr_t,
-):
+def _refill_rows(ctx: dict, todo: pd.DataFrame, record: dict[str, Path], detector) -> None:
+    """Render, check and write the rows in `todo` (ctx: the stage's parameter blocks, models and rule)."""
+    p, prompt_params, lora_file = ctx, ctx["prompt_params"], ctx["lora_file"]
+    id_model, sty_id, rule, derived, expr_t = (
+        ctx[k] for k in ("id_model", "sty_id", "rule", "derived", "expr_t")
+    )
+    outputs, out_dir, root = ctx["outputs"], ctx["out_dir"], ctx["root"]
     g, s, m = p["gen_params"], p["sty_params"], p["mem_params"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = generate.build_pipeline(p["model_params"], prompt_params, g, lora_file.parent, device)
