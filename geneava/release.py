@@ -91,6 +91,8 @@ def take_refills(rows: pd.DataFrame, outputs: Path) -> pd.DataFrame:
     refill = refill[refill["accepted"].astype(str).str.lower() == "true"].set_index("row_id")
     rows = rows.copy()
     hit = rows["row_id"].isin(refill.index) & (rows["excluded"] != "")
+    unmade = [c for c in rows if "_same_" in c or c.endswith("_distance") and c != "expression_distance"]
+    rows[unmade] = rows[unmade].astype(object)  # bool when every row was audited: must take None below
     for i in rows.index[hit]:
         r = refill.loc[rows.at[i, "row_id"]]
         rows.at[i, "path"] = str(outputs / "refill" / r["refill_file"])
@@ -109,9 +111,7 @@ def take_refills(rows: pd.DataFrame, outputs: Path) -> pd.DataFrame:
                 rows.at[i, col] = float(r[col])
         for col in ("identity_kept", "expression_agrees"):
             rows.at[i, col] = str(r[col]).lower() == "true"
-        for col in [
-            c for c in rows if "_same_" in c or c.endswith("_distance") and c != "expression_distance"
-        ]:
+        for col in unmade:
             rows.at[i, col] = None  # the audit's per-rule calls were not made for the replacement
         rows.at[i, "refilled"] = True
         rows.at[i, "excluded"] = ""

@@ -41,6 +41,7 @@ def _world(root: Path, memorized: list[str], failed_stylization: list[str]) -> P
     write_csv(out / "stylize" / "preservation.csv", scores)
     write_csv(out / "stylize" / "removal.csv", pd.DataFrame({"row_id": failed_stylization}, dtype=str))
     nearest = pd.DataFrame({"row_id": m["row_id"], "finetune_similarity": 0.3, "reference_similarity": 0.4})
+    nearest["finetune_same_paper"] = False  # a per-rule call: bool when every row was audited
     write_csv(out / "memorization" / "nearest.csv", nearest)
     write_csv(out / "memorization" / "removal.csv", pd.DataFrame({"row_id": memorized}, dtype=str))
     write_csv(out / "refill" / "manifest.csv", pd.DataFrame({"row_id": [], "accepted": []}))  # none yet
@@ -182,3 +183,15 @@ def test_refilled_rows_take_their_replacement_and_fill_the_cell(tmp_path, releas
     # without refill both rows stay out
     plain = release.build(dict(release_params, refill=False), out, tmp_path / "r2")["summary"]
     assert plain["images"] == 2 and plain["refilled"] == 0
+
+
+def test_a_refilled_row_of_a_fully_audited_set_drops_the_audit_calls(tmp_path, release_params):
+    """Every row audited: the audit's per-rule columns are bool; the replacement has no such call (None)."""
+    row = "joy|White|female|adult"
+    out = _world(tmp_path, memorized=[row], failed_stylization=[])
+    _refilled(out, row)
+    built = release.build(dict(release_params, balance="strict"), out, tmp_path / "release")
+    released = built["released"].set_index("row_id")
+    assert released.loc[row, "finetune_same_paper"] is None
+    assert not released.loc["awe|White|male|adult", "finetune_same_paper"]
+    assert built["summary"]["loads_with_datasets"]
