@@ -28,7 +28,15 @@ from tqdm.auto import tqdm
 from geneava import config, generate, identity, memorization, models, qc, stylize
 from geneava.data import read_split
 from geneava.faces import face_detector
-from geneava.io import atomic_write_text, save_png, sha256_bytes, sha256_file, write_csv, write_json
+from geneava.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    save_png,
+    sha256_bytes,
+    sha256_file,
+    write_csv,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 REASONS = ("failed QC", "stylization", "memorization")
@@ -84,6 +92,13 @@ def memorization_rule(outputs: Path, mem_params: dict, own: tuple | None) -> tup
     if rule == "derived" and derived is None:
         raise ValueError(f"{path}: the audit removed by a derived threshold but records none")
     return rule, derived
+
+
+def _read_columns(path: Path) -> list[str]:
+    """The prompt table's columns (what generate wrote), so the manifest carries each row's prompt."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the generate stage first (dvc repro generate)")
+    return list(pd.read_csv(path, nrows=0).columns)
 
 
 def expression_threshold(outputs: Path, sty_params: dict) -> float | None:
@@ -186,18 +201,7 @@ def refill(
         _refill_rows(ctx, todo, record, detector)
 
     done = pd.DataFrame([json.loads(record[f].read_text()) for f in rows["file"]]) if len(rows) else None
-    keep = [
-        "row_id",
-        "expression",
-        "race",
-        "gender",
-        "age",
-        "prompt",
-        "negative_prompt",
-        "seed",
-        "file",
-        "reason",
-    ]
+    keep = [*_read_columns(outputs / "generate" / "prompts.csv"), "file", "reason"]
     manifest = rows[keep] if done is None else rows[keep].merge(done, on="row_id", validate="one_to_one")
     if done is None:
         manifest = manifest.assign(accepted=pd.Series(dtype=bool))
@@ -266,14 +270,13 @@ def _refill_rows(ctx: dict, todo: pd.DataFrame, record: dict[str, Path], detecto
                 }
             )
             avatars = styler.stylize([img for _, _, img in passing], meta)
-            faces, cartoons = [], []
+            faces, cartoons, encoded = [], [], []
             for (r, _, img), av in zip(passing, avatars, strict=True):
                 if av.size != img.size:
                     raise RuntimeError(f"stylizer {styler.name} changed the size of {r.file}")
                 faces.append(tmp / "images" / r.file)
                 cartoons.append(tmp / "avatars" / r.file)
-                save_png(faces[-1], img)
-                save_png(cartoons[-1], av)
+                encoded.append((save_png(faces[-1], img), save_png(cartoons[-1], av)))
             kept = stylize.preservation(
                 faces,
                 cartoons,
@@ -294,7 +297,7 @@ def _refill_rows(ctx: dict, todo: pd.DataFrame, record: dict[str, Path], detecto
                     raise ValueError(f"memorization rule '{rule}' does not apply to {id_model.name}")
                 same |= calls[rule]
                 nn_sim[name] = sim.numpy()
-            for i, (r, a, img) in enumerate(passing):
+            for i, (r, a, _) in enumerate(passing):
                 k = kept.iloc[i]
                 if not k["identity_kept"] or not k["expression_agrees"]:
                     verdict[r.row_id] = "stylization"
@@ -303,8 +306,9 @@ def _refill_rows(ctx: dict, todo: pd.DataFrame, record: dict[str, Path], detecto
                 else:
                     verdict[r.row_id] = ""
                     # the face and avatar first, then the record that makes the row done
-                    face = save_png(out_dir / "images" / r.file, img)
-                    avatar = save_png(out_dir / "avatars" / r.file, avatars[i])
+                    face, avatar = encoded[i]  # the checked bytes, not a second encoding
+                    atomic_write_bytes(out_dir / "images" / r.file, face)
+                    atomic_write_bytes(out_dir / "avatars" / r.file, avatar)
                     _finish(
                         record[r.file],
                         r,

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from geneava import generate, refill, stylize
+from geneava import generate, prompts, refill, stylize
 from geneava.io import write_csv, write_json
 
 from .test_generate import FailsFirst, Passes
@@ -32,6 +32,8 @@ def outputs(tmp_path_factory, default, trained, prepared):
         FailsFirst(1),
     )
     assert (m["qc"] == "pass").tolist() == [False, True, True, True]
+    table = generate.select_rows(prompts.prompt_table(default["prompts"], None, p["seed"]), p["limit"])
+    write_csv(out / "generate" / "prompts.csv", table)  # as the generate notebook writes it
     write_csv(out / "stylize" / "removal.csv", pd.DataFrame({"row_id": [m.at[1, "row_id"]]}))
     write_csv(out / "memorization" / "removal.csv", pd.DataFrame({"row_id": [m.at[2, "row_id"]]}))
     write_json(out / "memorization" / "metrics.json", {"removal_rule": "paper"})
