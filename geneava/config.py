@@ -105,6 +105,16 @@ def text(choices: tuple[str, ...] | None = None, contains: tuple[str, ...] = ())
     return check
 
 
+def detector(key: str, v: Any) -> Any:
+    """A face detector: auto, retinaface (insightface pack), dlib, or a PyTorch RetinaFace: `tiny`
+    (seeded, untrained) or a checkpoint path (.safetensors: ours; .pth: the PyTorch port's)."""
+    if isinstance(v, str) and (
+        v in ("auto", "retinaface", "dlib", "tiny") or v.endswith((".safetensors", ".pth"))
+    ):
+        return v
+    _fail(key, v, "auto, retinaface, dlib, tiny or a RetinaFace checkpoint (.safetensors or .pth)")
+
+
 def boolean(key: str, v: Any) -> Any:
     if not isinstance(v, bool):
         _fail(key, v, "true or false")
@@ -170,6 +180,8 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "arcface_scale": number(0.0, lo_open=True),
         "arcface_margin": number(0.0, 1.0),
         "identity_threshold": number(0.0, 1.0),  # reported verification rates use the paper's 0.68
+        "detector_pool": integer(1),
+        "detector_steps": integer(1),
     },
     "models": {
         # "tiny": a seeded, randomly initialised SDXL of the real architecture, built from config.
@@ -196,7 +208,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "eval_per_class": integer(1),
         "classes": integer(1, 135, optional=True),
         "resolution": integer(8),
-        "detector": text(("auto", "retinaface", "dlib")),
+        "detector": detector,
         "detector_root": text(),  # insightface root: models in <root>/models/<pack>
         "detector_pack": text(),
         "watermark": text(),  # "none" or the path of the ConvNeXt-T watermark classifier weights
@@ -234,7 +246,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "qc": boolean,  # drop/retry images with no face, several faces, or a face too close
         "qc_border": number(0.0, 0.4),  # a face box this close to the frame (fraction) is "too close"
         "max_retries": integer(0),
-        "detector": text(("auto", "retinaface", "dlib")),
+        "detector": detector,
         "detector_root": text(),
         "detector_pack": text(),
         "vae_slicing": boolean,
@@ -255,7 +267,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "level": number(0.5, 0.999),
         "seed": integer(0),
         "batch_size": integer(1),
-        "detector": text(("auto", "retinaface", "dlib")),  # crops generated faces for the Exp. metric
+        "detector": detector,  # crops generated faces for the Exp. metric
         "detector_root": text(),
         "detector_pack": text(),
         "crop_margin": number(0.0, 2.0),
@@ -282,7 +294,9 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "stylizer": text(("cartoon", "dctnet", "sdxl_img2img", "passthrough")),
         "include": text(("kept", "all")),  # faces stylized: QC-passed ones (the dataset), or all
         "batch_size": integer(1),
-        "colors": integer(2, 256),  # cartoon: colours after quantisation
+        "colors": integer(2, 256),  # cartoon, quantize colors: colours after the median cut
+        "quantize": text(("tone", "colors")),  # cartoon: lightness bands (hue kept) or a colour palette
+        "levels": integer(2, 64),  # cartoon, quantize tone: lightness bands
         "dctnet": text(),  # "tiny" (seeded random twin) or the folder of converted DCT-Net weights
         "lora": optional_text,  # sdxl_img2img: an optional cartoon LoRA (diffusers layout)
         "prompt": text(contains=("expression",)),  # sdxl_img2img

@@ -147,6 +147,37 @@ def sample_attributes(expression: emo135.Expression, i: int) -> dict:
     return {**sample_identity(rng), **_expression_dict(expr)}
 
 
+def _layout(a: dict, s: float) -> dict:
+    """Where `render_face` draws the face's parts on an `s`-pixel canvas (one place for the drawing
+    and for the ground truth of `landmarks`)."""
+    cx, cy = s / 2, s * 0.52
+    fw, fh = a["face_width"] * s, a["face_height"] * s * (0.95 if a["age_group"] == 0 else 1.0)
+    ex, ey = fw * a["eye_spacing"] * 1.05, cy - fh * 0.12
+    return {
+        "cx": cx, "cy": cy, "fw": fw, "fh": fh, "ex": ex, "ey": ey,
+        "ew": fw * 0.2 * a["eye_size"],
+        "nl": fh * a["nose_length"], "nw": fw * a["nose_width"],
+        "my": cy + fh * 0.5, "mw": fw * a["mouth_width"],
+        "curve": fh * 0.14 * a["mouth_curve"],
+    }  # fmt: skip
+
+
+def landmarks(a: dict) -> tuple[tuple[float, ...], tuple[tuple[float, float], ...]]:
+    """The rendered face's box (x0, y0, x1, y1: the skin oval) and its five landmarks (eye centres,
+    nose tip, mouth corners; image-left first, RetinaFace's order), as fractions of the image side."""
+    at = _layout(a, 1.0)
+    cx, cy, fw, fh = at["cx"], at["cy"], at["fw"], at["fh"]
+    mouth_y = at["my"] - at["curve"] * 0.5  # the mouth line's ends (see render_face)
+    points = (
+        (cx - at["ex"], at["ey"]),
+        (cx + at["ex"], at["ey"]),
+        (cx, at["ey"] + at["nl"]),
+        (cx - at["mw"], mouth_y),
+        (cx + at["mw"], mouth_y),
+    )
+    return (cx - fw, cy - fh, cx + fw, cy + fh), points
+
+
 def render_face(a: dict, size: int = DEFAULT_SIZE, supersample: int = 4) -> Image.Image:
     """Draw one face from its attributes on a plain light background.
 
@@ -156,9 +187,9 @@ def render_face(a: dict, size: int = DEFAULT_SIZE, supersample: int = 4) -> Imag
     s = size * supersample
     img = Image.new("RGB", (s, s), BACKGROUND)
     d = ImageDraw.Draw(img)
-    cx, cy = s / 2, s * 0.52
+    at = _layout(a, s)
+    cx, cy, fw, fh = at["cx"], at["cy"], at["fw"], at["fh"]
     age = a["age_group"]
-    fw, fh = a["face_width"] * s, a["face_height"] * s * (0.95 if age == 0 else 1.0)
     skin = (a["skin_r"], a["skin_g"], a["skin_b"])
     shade = tuple(int(c * 0.8) for c in skin)
     dark = tuple(int(c * 0.45) for c in skin)
@@ -198,8 +229,7 @@ def render_face(a: dict, size: int = DEFAULT_SIZE, supersample: int = 4) -> Imag
             d.line((x, cy + fh * 0.2, x + side * fw * 0.08, cy + fh * 0.55), fill=line, width=lw)
 
     # eye sockets, then hair over the forehead, then eyes: openness scales the visible height
-    ex, ey = fw * a["eye_spacing"] * 1.05, cy - fh * 0.12
-    ew = fw * 0.2 * a["eye_size"]
+    ex, ey, ew = at["ex"], at["ey"], at["ew"]
     for side in (-1, 1):
         x = cx + side * ex
         d.ellipse((x - ew * 1.5, ey - fh * 0.16, x + ew * 1.5, ey + fh * 0.14), fill=shade)
@@ -234,7 +264,7 @@ def render_face(a: dict, size: int = DEFAULT_SIZE, supersample: int = 4) -> Imag
         )
 
     # nose, with wrinkles across the bridge (AU9)
-    nl, nw = fh * a["nose_length"], fw * a["nose_width"]
+    nl, nw = at["nl"], at["nw"]
     d.polygon([(cx, ey + fh * 0.05), (cx - nw, ey + nl), (cx + nw, ey + nl)], fill=shade)
     for side in (-1, 1):
         nx = cx + side * nw * 0.6
@@ -247,8 +277,7 @@ def render_face(a: dict, size: int = DEFAULT_SIZE, supersample: int = 4) -> Imag
         d.ellipse((mx - fw * 0.035, my_ - fw * 0.035, mx + fw * 0.035, my_ + fw * 0.035), fill=dark)
 
     # mouth: corners rise for a smile (curve > 0) and fall for a frown; openness draws the inside
-    my, mw = cy + fh * 0.5, fw * a["mouth_width"]
-    curve = fh * 0.14 * a["mouth_curve"]
+    my, mw, curve = at["my"], at["mw"], at["curve"]
     opening = fh * 0.22 * a["mouth_open"]
     lips = (170, 60, 70) if a["gender"] == "female" else (150, 70, 64)
     if opening > fh * 0.02:

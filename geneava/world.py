@@ -35,18 +35,19 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch import nn
 from tqdm.auto import tqdm
 
-from geneava import checkpoints, config, emo135, models, poster, prompts, standin
+from geneava import checkpoints, config, emo135, models, poster, prompts, retinaface, standin
 from geneava.identity import WorldArcFace, arcface_logits
 from geneava.io import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
-PHASES = ("vae", "base", "expression", "identity")
+PHASES = ("vae", "base", "expression", "identity", "detector")
 SDXL_DIR, POSTER_FILE, IDENTITY_FILE = "sdxl", "poster.safetensors", "identity.safetensors"
+DETECTOR_FILE = "retinaface.safetensors"
 
 
 # ------------------------------------------------------------------ data
@@ -157,6 +158,44 @@ def identity_samples(people: int, views: int, seed: int) -> tuple[list[dict], np
             attrs.append({**person, **standin._expression_dict(standin._clip_expression(expr))})
             labels.append(p)
     return attrs, np.array(labels)
+
+
+def detection_samples(
+    n: int, seed: int, size: int
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Face-detection data: `size`-px canvases with no face (10%), one (75%: 0.55-1.35 of the frame,
+    off centre, so some are cut by the frame as a too-close face is) or two side by side (15%), of
+    new people under any class's expression, slightly blurred. Returns uint8 images and per image
+    the faces' boxes (k, 4) and landmarks (k, 5, 2) in pixels (`standin.landmarks`)."""
+    rng = np.random.default_rng([41, seed])
+    classes = emo135.classes()
+    images, boxes, points = [], [], []
+    for _ in tqdm(range(n), desc="render detector pool", unit="image", leave=False):
+        canvas = Image.new("RGB", (size, size), standin.BACKGROUND)
+        count = int(rng.choice(3, p=(0.1, 0.75, 0.15)))
+        b, p = [], []
+        for j in range(count):
+            c = classes[int(rng.integers(len(classes)))]
+            expr = standin.class_expression(c) + rng.normal(
+                0, standin.IMAGE_JITTER, len(standin.EXPRESSION_FIELDS)
+            )
+            a = {**standin.sample_identity(rng), **standin._expression_dict(standin._clip_expression(expr))}
+            if count == 1:
+                side = round(size * rng.uniform(0.55, 1.35))
+                x, y = ((size - side) / 2 + rng.uniform(-0.2, 0.2, 2) * size).round().astype(int)
+            else:
+                side = round(size * rng.uniform(0.38, 0.5))
+                x = round(j * size / 2 + (size / 2 - side) * rng.uniform(0, 1))
+                y = round((size - side) * rng.uniform(0.1, 0.9))
+            canvas.paste(standin.render_face(a, side), (int(x), int(y)))
+            box, pts = standin.landmarks(a)
+            b.append([x + box[0] * side, y + box[1] * side, x + box[2] * side, y + box[3] * side])
+            p.append([[x + u * side, y + v * side] for u, v in pts])
+        canvas = canvas.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.0))))
+        images.append(canvas)
+        boxes.append(torch.tensor(b, dtype=torch.float32).reshape(-1, 4))
+        points.append(torch.tensor(p, dtype=torch.float32).reshape(-1, 5, 2))
+    return _to_tensor(images), boxes, points
 
 
 # ------------------------------------------------------------------ training loops
@@ -270,6 +309,47 @@ def train_classifier(model, forward, pool, labels, steps, p, seed, desc, arcface
     return losses
 
 
+@torch.no_grad()
+def through_vae(pool: torch.Tensor, vae) -> torch.Tensor:
+    """uint8 images after the VAE's encode/decode: what every generated image goes through."""
+    out = [
+        (vae.decode(vae.encode(as_float(c)).latent_dist.mean).sample + 1) * 127.5
+        for c in tqdm(pool.split(64), desc="through the VAE", unit="batch", leave=False)
+    ]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
+def train_detector(model, pool, boxes, points, p: dict, seed: int) -> list[float]:
+    """RetinaFace's loss on the detection pool, at the pool's size (the world's images are all one
+    size; face sizes vary within it); brightness and contrast vary per image."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = pool.shape[-2:]
+    anchors, unit = retinaface.priors(h, w), torch.tensor([w, h], dtype=torch.float32)
+    labels, loc, landm = (
+        torch.stack(t)
+        for t in zip(
+            *(
+                retinaface.targets(b / unit.repeat(2), q / unit, anchors)
+                for b, q in zip(boxes, points, strict=True)
+            ),
+            strict=True,
+        )
+    )
+    model.train()
+
+    def step(_):
+        idx = torch.randint(len(pool), (p["batch_size"],), generator=g)
+        x = pool[idx].float() / 255
+        gain = 0.8 + 0.4 * torch.rand(len(idx), 1, 1, 1, generator=g)
+        x = ((x - 0.5) * gain + 0.5 + 0.1 * (torch.rand(len(idx), 1, 1, 1, generator=g) - 0.5)).clamp(0, 1)
+        out = model(retinaface.to_input(x))
+        return retinaface.loss(out, labels[idx], loc[idx], landm[idx])["total"]
+
+    losses = _loop(list(model.parameters()), p["detector_steps"], p["lr"], step, "world RetinaFace")
+    model.eval()
+    return losses
+
+
 # ------------------------------------------------------------------ checks on held-out renders
 
 
@@ -313,6 +393,39 @@ def check_identity(net, pool: torch.Tensor, labels: np.ndarray, threshold: float
     }
 
 
+@torch.no_grad()
+def check_detector(model, pool: torch.Tensor, boxes: list[torch.Tensor], points: list[torch.Tensor]) -> dict:
+    """Held-out canvases: faces found at IoU >= 0.5, false detections, images with the right count of
+    faces (what QC's one-face rule needs) and landmark error relative to the box width."""
+    from torchvision.ops import box_iou
+
+    found = false = right = 0
+    errors = []
+    for img, b, pts in zip(pool, boxes, points, strict=True):
+        dets = retinaface.detect(model, img.permute(1, 2, 0).numpy())
+        right += len(dets) == len(b)
+        if not dets:
+            continue
+        pred = torch.tensor([d[0] for d in dets])
+        iou = box_iou(b, pred) if len(b) else torch.zeros(0, len(pred))
+        hit = iou.max(1).values >= 0.5 if len(b) else torch.zeros(0, dtype=torch.bool)
+        found += int(hit.sum())
+        false += int(len(pred) - (iou.max(0).values >= 0.5).sum()) if len(b) else len(pred)
+        for k in torch.nonzero(hit).flatten().tolist():
+            j = int(iou[k].argmax())
+            err = (torch.tensor(dets[j][2]) - pts[k]).norm(dim=1).mean() / (b[k, 2] - b[k, 0])
+            errors.append(float(err))
+    faces = sum(len(b) for b in boxes)
+    return {
+        "heldout_recall": round(found / max(1, faces), 4),
+        "false_detections": false,
+        "right_count_share": round(right / len(pool), 4),
+        "landmark_error_of_box_width": round(float(np.mean(errors)) if errors else float("nan"), 4),
+        "images": len(pool),
+        "faces": faces,
+    }
+
+
 # ------------------------------------------------------------------ the stage
 
 
@@ -341,10 +454,12 @@ def phase_keys(params: dict, prompt_params: dict) -> dict[str, str]:
             "arcface_scale",
             "arcface_margin",
         ),
+        "detector": ("detector_pool", "detector_steps"),
     }
     keys = {ph: checkpoints.fingerprint(ph, common, {k: params[k] for k in own[ph]}) for ph in PHASES}
     keys["base"] = checkpoints.fingerprint(keys["base"], prompt_params)
     keys["base"] = checkpoints.fingerprint(keys["base"], keys["vae"])  # a new VAE means a new base model
+    keys["detector"] = checkpoints.fingerprint(keys["detector"], keys["vae"])  # trained through the VAE
     return keys
 
 
@@ -449,6 +564,25 @@ def pretrain(params: dict, prompt_params: dict, out_dir: Path, phases: tuple[str
             lambda p: save_file({k: v.contiguous() for k, v in net.state_dict().items()}, p, metadata=meta),
         )
         mark("identity", {**result, "final_loss": float(np.mean(losses[-20:]))})
+    if "detector" in phases and not finished("detector"):
+        from diffusers import AutoencoderKL
+
+        pool, boxes, points = detection_samples(params["detector_pool"], seed, size)
+        vae_dir = out_dir / "vae" if (out_dir / "vae").is_dir() else sdxl_dir / "vae"
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+        # every other canvas as the VAE returns it (generated images), the rest as rendered (Emo135's)
+        pool[1::2] = through_vae(pool[1::2], vae)
+        model = retinaface.tiny(seed).train()
+        losses = train_detector(model, pool, boxes, points, params, seed)
+        held, held_boxes, held_points = detection_samples(300, seed + 1, size)
+        result = check_detector(model, held, held_boxes, held_points)
+        decoded = check_detector(model, through_vae(held, vae), held_boxes, held_points)
+        result.update({f"vae_{k}": decoded[k] for k in ("heldout_recall", "right_count_share")})
+        _save_atomic(
+            out_dir / DETECTOR_FILE,
+            lambda p: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, p),
+        )
+        mark("detector", {**result, "final_loss": float(np.mean(losses[-20:]))})
     atomic_write_text(out_dir / "README.md", model_card(report, params))
     return report
 
@@ -469,6 +603,7 @@ def model_card(report: dict, params: dict) -> str:
         "base": "SDXL UNet + both CLIP text encoders, coarse expressions only",
         "expression": "POSTER architecture, 135 fine-grained classes",
         "identity": "ArcFace-style IR network, additive angular margin",
+        "detector": "RetinaFace (MobileNet-0.25), boxes + 5 landmarks",
     }
     for phase in PHASES:
         r = report.get(phase, {})
