@@ -125,6 +125,8 @@ def _settings(p: dict, lora_sha: str, rule: str, derived: float | None) -> dict:
             for k in (
                 "stylizer",
                 "colors",
+                "quantize",
+                "levels",
                 "dctnet",
                 "lora",
                 "prompt",

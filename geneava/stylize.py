@@ -48,21 +48,41 @@ class Passthrough:
 
 
 class Cartoon:
-    """Edge-preserving smoothing (repeated bilateral filter), colour quantisation (median cut) and dark
-    edges from an adaptive threshold. A plain background stays one flat colour: the threshold's offset
-    keeps flat regions free of edges. The filters are sized for a 256 px face: a smaller image is
-    cartooned at 256 px and brought back (at 64 px, 9 px edge blocks blackened whole eyes and hair)."""
+    """Edge-preserving smoothing (repeated bilateral filter), flat colour regions and dark edges from an
+    adaptive threshold. A plain background stays one flat colour: the threshold's offset keeps flat
+    regions free of edges. The filters are sized for a 256 px face: a smaller image is cartooned at
+    256 px and brought back (at 64 px, 9 px edge blocks blackened whole eyes and hair).
+
+    Flat regions come from quantising the lightness only (`quantize="tone"`, CIELAB L* into `levels`
+    bands, hue and chroma kept, as in Winnemöller et al.'s video abstraction) or the colours
+    (`"colors"`, median cut to `colors`). The median cut shares its few colours over skin, hair, shirt
+    and background, so mid skin tones snap to a neighbour's: on the world's faces it kept identity
+    for 79% (Middle Eastern 57%), tone bands for 99% (README). The edge threshold's offset (8 grey
+    levels) draws outlines on strong edges only: at 4 it also outlined shading and wrinkles, ringed the
+    eyes and read as another expression to POSTER (mean distance 7.5 vs 5.2; seniors' 9.8 vs 6.6)."""
 
     name = "cartoon"
     WORK = 256
+    QUANTIZE = ("tone", "colors")
 
-    def __init__(self, colors: int = 12, smoothing: int = 5, edge_block: int = 9, edge_offset: int = 4):
+    def __init__(
+        self,
+        colors: int = 12,
+        smoothing: int = 5,
+        edge_block: int = 9,
+        edge_offset: int = 8,
+        quantize: str = "colors",
+        levels: int = 8,
+    ):
+        if quantize not in self.QUANTIZE:
+            raise ValueError(f"stylize.quantize must be one of {', '.join(self.QUANTIZE)}, not {quantize!r}")
         self.colors, self.smoothing, self.edge_block, self.edge_offset = (
             colors,
             smoothing,
             edge_block,
             edge_offset,
         )
+        self.quantize, self.levels = quantize, levels
 
     def one(self, img: Image.Image) -> Image.Image:
         img = img.convert("RGB")
@@ -80,9 +100,15 @@ class Cartoon:
         smooth = rgb
         for _ in range(self.smoothing):
             smooth = cv2.bilateralFilter(smooth, 5 * scale, 40, 5 * scale)
-        flat = np.asarray(
-            Image.fromarray(smooth).quantize(self.colors, method=Image.Quantize.MEDIANCUT).convert("RGB")
-        )
+        if self.quantize == "tone":
+            lab = cv2.cvtColor(smooth, cv2.COLOR_RGB2LAB)
+            band = 256 / self.levels
+            lab[..., 0] = np.clip((np.floor(lab[..., 0] / band) + 0.5) * band, 0, 255).astype(np.uint8)
+            flat = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+        else:
+            flat = np.asarray(
+                Image.fromarray(smooth).quantize(self.colors, method=Image.Quantize.MEDIANCUT).convert("RGB")
+            )
         gray = cv2.medianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), 2 * scale + 1)
         block = self.edge_block * scale | 1
         edges = cv2.adaptiveThreshold(
@@ -208,13 +234,15 @@ class SDXLImg2Img:
 
 # Bumped when a stylizer's output changes, so resumed runs do not keep avatars of the old code.
 # cartoon 2: small faces are cartooned at 256 px (edges were four times too wide at 64 px).
-REVISION = {"cartoon": 2}
+# cartoon 3: edges on strong contrasts only (offset 8: outlines of shading and wrinkles read as another
+#            expression).
+REVISION = {"cartoon": 3}
 
 
 def stylizer(params: dict, model_params: dict, prompt_params: dict, device=None):
     name = params["stylizer"]
     if name == "cartoon":
-        return Cartoon(params["colors"])
+        return Cartoon(params["colors"], quantize=params["quantize"], levels=params["levels"])
     if name == "passthrough":
         return Passthrough()
     if name == "dctnet":
@@ -240,7 +268,10 @@ def stylize(
     the previous run's clear the folder first. Writes `pairs.csv`, one row per realistic/avatar pair."""
     out_dir = Path(out_dir)
     rows = qc.generated(generate_dir, "finetuned", params["include"])
-    settings = {k: params[k] for k in ("stylizer", "dctnet", "lora", "prompt", "strength", "steps", "colors")}
+    settings = {
+        k: params[k]
+        for k in ("stylizer", "dctnet", "lora", "prompt", "strength", "steps", "colors", "quantize", "levels")
+    }
     settings["revision"] = REVISION.get(
         params["stylizer"], 1
     )  # a stylizer whose output changed redoes avatars
