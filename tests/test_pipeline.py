@@ -183,7 +183,7 @@ def test_everything_up_to_date_and_second_repro_is_a_no_op(clone):
         (("memorization", "default", "threshold"), 0.7, {"memorization", "refill"}),
         (("stylize", "default", "colors"), 8, {"stylize", "refill"}),
         (("refill", "default", "max_attempts"), 3, {"refill"}),
-        (("release", "default", "balance"), "strict", {"release"}),
+        (("release", "default", "balance"), "report", {"release"}),
         (("userstudy", "default", "per_hit"), 10, {"userstudy"}),
         (("profile",), "paper", {"prepare", "finetune", "generate", *AFTER_GENERATE, *CACHEABLE}),
     ],
