@@ -38,8 +38,9 @@ def main() -> None:
             took = time.perf_counter() - start
             m[name] = verdicts
             per_race = (m[name] == "pass").groupby(m["race"]).mean().round(2).to_dict()
+            rate, passed = len(images) / took, np.mean(m[name] == "pass")
             print(
-                f"{variant:9s} {name:17s} {len(images) / took:7.1f} img/s  pass {np.mean(m[name] == 'pass'):.3f}"
+                f"{variant:9s} {name:17s} {rate:7.1f} img/s  pass {passed:.3f}"
                 f"  {pd.Series(verdicts).value_counts().to_dict()}  by group {per_race}"
             )
 

@@ -135,10 +135,9 @@ def test_tone_bands_keep_each_groups_skin_colour_where_the_palette_shifts_it():
         box, _ = standin.landmarks(a)
         x, y = int((box[0] + 0.2 * (box[2] - box[0])) * 64), int((box[1] + 0.6 * (box[3] - box[1])) * 64)
 
-        def ab(img):
-            return cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2LAB)[y - 1 : y + 2, x - 1 : x + 2, 1:].reshape(
-                -1, 2
-            )
+        def ab(img, x=x, y=y):
+            lab = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2LAB)
+            return lab[y - 1 : y + 2, x - 1 : x + 2, 1:].reshape(-1, 2)
 
         for mode in shift:
             out = stylize.Cartoon(quantize=mode).one(face)
