@@ -205,8 +205,8 @@ def refill(
     done = pd.DataFrame([json.loads(record[f].read_text()) for f in rows["file"]]) if len(rows) else None
     keep = [*_read_columns(outputs / "generate" / "prompts.csv"), "file", "reason"]
     manifest = rows[keep] if done is None else rows[keep].merge(done, on="row_id", validate="one_to_one")
-    if done is None:
-        manifest = manifest.assign(accepted=pd.Series(dtype=bool))
+    if done is None:  # nothing to refill: the same columns, no rows (the notebook and release read them)
+        manifest = manifest.assign(**{c: pd.Series(dtype=t) for c, t in RECORD_COLUMNS.items()})
     write_csv(out_dir / "manifest.csv", manifest)
     report = {
         "rows_excluded": len(rows),
@@ -343,6 +343,16 @@ def _refill_rows(ctx: dict, todo: pd.DataFrame, record: dict[str, Path], detecto
                 bar.update(1)
     bar.close()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+# every row's record (`_finish`); an accepted row's adds its files and scores
+RECORD_COLUMNS = {
+    "attempt": int,
+    "seed_used": int,
+    "candidates": int,
+    "failures": str,
+    "accepted": bool,
+}
 
 
 def _finish(path: Path, row, attempt: int, tries: list[str], fields: dict) -> None:

@@ -102,3 +102,28 @@ def test_rows_that_never_pass_are_given_up_after_max_attempts(default, outputs, 
     assert not list((tmp_path / "refill" / "images").rglob("*.png"))  # nothing released for them
     report = json.loads((tmp_path / "refill" / "report.json").read_text())
     assert report["given_up"] == 3 and report["attempts_rendered"] == 6
+
+
+def test_nothing_to_refill_still_writes_every_record_column(default, outputs, tmp_path):
+    """Every row passed and no removal list names one (the default run at test size): the manifest is
+    empty but has the record columns the notebook shows and the release reads."""
+    out, m = outputs
+    clean = tmp_path / "outputs"
+    (clean / "generate" / "finetuned").mkdir(parents=True)
+    for d in ("prepare", "finetune"):
+        (clean / d).symlink_to((out / d).resolve())
+    (clean / "generate" / "finetuned" / "images").symlink_to(out / "generate" / "finetuned" / "images")
+    manifest = pd.read_csv(out / "generate" / "finetuned" / "manifest.csv", keep_default_na=False)
+    write_csv(clean / "generate" / "finetuned" / "manifest.csv", manifest.assign(qc="pass"))
+    write_csv(clean / "generate" / "prompts.csv", pd.read_csv(out / "generate" / "prompts.csv"))
+    for stage in ("stylize", "memorization"):
+        write_csv(clean / stage / "removal.csv", pd.DataFrame({"row_id": []}))
+    write_json(clean / "memorization" / "metrics.json", {"removal_rule": "paper"})
+    got = _run(default, (clean, m), tmp_path / "refill")
+    assert got.empty
+    assert {"row_id", "reason", "accepted", "candidates", "failures", "attempt", "seed_used"} <= set(
+        got.columns
+    )
+    written = pd.read_csv(tmp_path / "refill" / "manifest.csv")
+    assert list(written.columns) == list(got.columns)
+    assert json.loads((tmp_path / "refill" / "report.json").read_text())["rows_excluded"] == 0
