@@ -188,7 +188,8 @@ def refill(
         log.warning("%s holds replacements made with other settings; clearing it", out_dir)
         for sub in ("records", "images", "avatars"):
             shutil.rmtree(out_dir / sub, ignore_errors=True)
-    for sub in ("records", "images", "avatars"):  # DVC outputs, present even when nothing needs a refill
+    # DVC outputs, present even when nothing needs a refill
+    for sub in ("records", "images", "avatars", "embeddings"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     write_json(run_file, settings)
 

@@ -127,3 +127,5 @@ def test_nothing_to_refill_still_writes_every_record_column(default, outputs, tm
     written = pd.read_csv(tmp_path / "refill" / "manifest.csv")
     assert list(written.columns) == list(got.columns)
     assert json.loads((tmp_path / "refill" / "report.json").read_text())["rows_excluded"] == 0
+    for sub in ("records", "images", "avatars", "embeddings"):  # the stage's DVC outputs
+        assert (tmp_path / "refill" / sub).is_dir()
