@@ -105,12 +105,15 @@ def text(choices: tuple[str, ...] | None = None, contains: tuple[str, ...] = ())
     return check
 
 
+def torch_retinaface(name: str) -> bool:
+    """Whether a detector name selects the PyTorch RetinaFace: `tiny` (seeded, untrained) or a
+    checkpoint path (.safetensors: ours; .pth: the PyTorch port's)."""
+    return name == "tiny" or name.endswith((".safetensors", ".pth"))
+
+
 def detector(key: str, v: Any) -> Any:
-    """A face detector: auto, retinaface (insightface pack), dlib, or a PyTorch RetinaFace: `tiny`
-    (seeded, untrained) or a checkpoint path (.safetensors: ours; .pth: the PyTorch port's)."""
-    if isinstance(v, str) and (
-        v in ("auto", "retinaface", "dlib", "tiny") or v.endswith((".safetensors", ".pth"))
-    ):
+    """A face detector: auto, retinaface (insightface pack), dlib, or a PyTorch RetinaFace."""
+    if isinstance(v, str) and (v in ("auto", "retinaface", "dlib") or torch_retinaface(v)):
         return v
     _fail(key, v, "auto, retinaface, dlib, tiny or a RetinaFace checkpoint (.safetensors or .pth)")
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from geneava import config
+
 log = logging.getLogger(__name__)
 
 DETECTORS = ("auto", "retinaface", "dlib")
@@ -136,7 +138,7 @@ class TorchRetinaFace:
 def face_detector(name: str = "auto", root: str = "~/.insightface", pack: str = "buffalo_l"):
     """The detector the params ask for; `auto` falls back to dlib (and says why) without RetinaFace;
     `tiny` or a .safetensors/.pth checkpoint is our PyTorch RetinaFace."""
-    if name == "tiny" or name.endswith((".safetensors", ".pth")):
+    if config.torch_retinaface(name):
         return TorchRetinaFace(name)
     if name not in DETECTORS:
         raise ValueError(

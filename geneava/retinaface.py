@@ -207,15 +207,11 @@ def detect(model: RetinaFace, rgb: np.ndarray, threshold: float = 0.5, nms: floa
 # ------------------------------------------------------------------ training (the default world)
 
 
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from torchvision.ops import box_iou as iou
-
-    return iou(a, b)
-
-
 def targets(gt_boxes: torch.Tensor, gt_points: torch.Tensor, anchors: torch.Tensor, threshold: float = 0.35):
     """RetinaFace's matching: each anchor takes the face it overlaps most if IoU >= `threshold`, and
     each face its best anchor regardless. Returns (labels (A,), loc (A, 4), landm (A, 10))."""
+    from torchvision.ops import box_iou
+
     a = len(anchors)
     labels = torch.zeros(a, dtype=torch.long)
     if len(gt_boxes) == 0:

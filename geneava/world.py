@@ -439,6 +439,14 @@ def _save_atomic(path: Path, save) -> None:
     tmp.replace(path)
 
 
+def _trained_vae(out_dir: Path):
+    """The VAE phase's model: in vae/ until the base phase folds it into sdxl/vae."""
+    from diffusers import AutoencoderKL
+
+    own = Path(out_dir) / "vae"
+    return AutoencoderKL.from_pretrained(own if own.is_dir() else Path(out_dir) / SDXL_DIR / "vae").eval()
+
+
 def phase_keys(params: dict, prompt_params: dict) -> dict[str, str]:
     """Each phase's fingerprint, of the settings it reads: changing one phase's settings retrains only it
     (and a new VAE or new prompts mean a new base model)."""
@@ -506,11 +514,8 @@ def pretrain(params: dict, prompt_params: dict, out_dir: Path, phases: tuple[str
             },
         )
     if "base" in phases and not finished("base"):
-        from diffusers import AutoencoderKL
-
         pipe = models.tiny_sdxl(seed, corpus, models.WORLD_SDXL)
-        vae_dir = out_dir / "vae" if (out_dir / "vae").is_dir() else sdxl_dir / "vae"
-        pipe.vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+        pipe.vae = _trained_vae(out_dir)
         pipe.register_modules(vae=pipe.vae)
         attrs = base_samples(params["pool"], seed, prompt_params, params["base_captions"])
         pool = render_pool(attrs, size, "render base pool")
@@ -565,11 +570,8 @@ def pretrain(params: dict, prompt_params: dict, out_dir: Path, phases: tuple[str
         )
         mark("identity", {**result, "final_loss": float(np.mean(losses[-20:]))})
     if "detector" in phases and not finished("detector"):
-        from diffusers import AutoencoderKL
-
         pool, boxes, points = detection_samples(params["detector_pool"], seed, size)
-        vae_dir = out_dir / "vae" if (out_dir / "vae").is_dir() else sdxl_dir / "vae"
-        vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+        vae = _trained_vae(out_dir)
         # every other canvas as the VAE returns it (generated images), the rest as rendered (Emo135's)
         pool[1::2] = through_vae(pool[1::2], vae)
         model = retinaface.tiny(seed).train()
