@@ -391,8 +391,13 @@ def replacement_sheet(
     from geneava.data import load_rgb
 
     done = manifest[manifest["accepted"].astype(str).str.lower() == "true"].head(n)
-    if done.empty:
-        return None
+    if done.empty:  # still a figure: it is a DVC output, and saying so beats a missing file
+        fig, ax = plt.subplots(figsize=(4, 1.2))
+        ax.text(0.5, 0.5, "no replacements: no row was refilled", ha="center", va="center")
+        ax.axis("off")
+        if save_to is not None:
+            fig.savefig(save_to, dpi=120)
+        return fig
     fig, axes = plt.subplots(3, len(done), figsize=(1.6 * len(done), 5.2), squeeze=False)
     for j, r in enumerate(done.itertuples()):
         panels = (

@@ -129,3 +129,7 @@ def test_nothing_to_refill_still_writes_every_record_column(default, outputs, tm
     assert json.loads((tmp_path / "refill" / "report.json").read_text())["rows_excluded"] == 0
     for sub in ("records", "images", "avatars", "embeddings"):  # the stage's DVC outputs
         assert (tmp_path / "refill" / sub).is_dir()
+    refill.replacement_sheet(
+        got, clean, tmp_path / "refill", save_to=tmp_path / "refill" / "replacements.png"
+    )
+    assert (tmp_path / "refill" / "replacements.png").is_file()
