@@ -102,10 +102,11 @@ def test_repro_runs_every_stage_through_papermill(clone):
         nb = json.loads(executed[0].read_text())
         assert nb["metadata"]["papermill"]["parameters"]["profile"] == "default"
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
-    # prepare ran a real detector on the stand-in and filled every class exactly as params ask
+    # prepare ran the detector the params name (the world's trained RetinaFace) and filled every class
     report = json.loads((clone / "outputs/prepare/report.json").read_text())
     prep = yaml.safe_load((clone / "params.yaml").read_text())["prepare"]["default"]
-    assert report["detector"] in ("dlib-mmod", "retinaface") and not report["short_classes"]
+    assert report["detector"] == f"retinaface-torch ({Path(prep['detector']).name})"
+    assert not report["short_classes"]
     assert report["finetune_images"] == 135 * prep["finetune_per_class"]
     assert report["eval_images"] == 135 * prep["eval_per_class"]
     assert report["status"]["no face"] > 0 and report["status"]["duplicate across classes"] > 0
