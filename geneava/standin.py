@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -29,8 +30,12 @@ from geneava import emo135
 log = logging.getLogger(__name__)
 
 DEFAULT_PER_CLASS = 48  # dlib misses up to 3 in 4 of the most extreme expressions (fright, uneasiness)
-# Deliberately unusable files, so the default run exercises the filters: (class index step, image, kind)
-HARD_CASES = ((20, 6, "empty"), (15, 7, "pair"))
+# Deliberately unusable files, so the default run exercises the filters: (class index step, image, kind).
+# `empty`: a scene with nobody in it, different in every file; `pair`: two faces; `copy`: the
+# bytes of the previous class's next image (the same file under two labels). Every class has an empty and
+# a pair: prepare examines a class's files in a seeded random order and stops when its splits are full, so
+# sparser planting was never reached with a detector that misses no real face.
+HARD_CASES = ((1, 6, "empty"), (1, 7, "pair"), (9, 8, "copy"))
 DEFAULT_SIZE = 64
 ATTRIBUTES_FILE = "standin_attributes.csv"
 
@@ -310,10 +315,33 @@ def identity_pairs(n: int, seed: int = 0, size: int = 2 * DEFAULT_SIZE):
         yield render_face(a, size), render_face(b, size), k % 2 == 0
 
 
+def render_scene(seed: int, size: int = DEFAULT_SIZE) -> Image.Image:
+    """A picture with nobody in it (sky, ground, a few buildings and trees), different for every seed."""
+    rng = np.random.default_rng(seed)
+    img = Image.new(
+        "RGB", (size, size), tuple(int(c) for c in rng.integers((120, 160, 200), (190, 215, 250)))
+    )
+    d = ImageDraw.Draw(img)
+    horizon = int(size * rng.uniform(0.5, 0.8))
+    d.rectangle(
+        (0, horizon, size, size), fill=tuple(int(c) for c in rng.integers((60, 90, 40), (120, 150, 90)))
+    )
+    for _ in range(rng.integers(2, 5)):
+        w, h = rng.integers(size // 8, size // 3, 2)
+        x = int(rng.integers(0, size - w))
+        colour = tuple(int(c) for c in rng.integers((70, 70, 70), (160, 150, 140)))
+        if rng.random() < 0.5:  # a building
+            d.rectangle((x, horizon - h, x + w, horizon), fill=colour)
+        else:  # a tree
+            d.rectangle((x + w // 2 - 1, horizon - h // 2, x + w // 2 + 1, horizon), fill=(80, 60, 40))
+            d.ellipse((x, horizon - h, x + w, horizon - h // 3), fill=(40, int(rng.integers(90, 140)), 50))
+    return img
+
+
 def render_hard_case(kind: str, a: dict, b: dict, size: int) -> Image.Image:
-    """Files the prepare stage must drop: `empty` (background only) or `pair` (two faces)."""
+    """Files the prepare stage must drop: `empty` (no face, a scene seeded by `a`) or `pair` (two faces)."""
     if kind == "empty":
-        return Image.new("RGB", (size, size), BACKGROUND)
+        return render_scene(int(hashlib.sha256(repr(sorted(a.items())).encode()).hexdigest()[:8], 16), size)
     img = Image.new("RGB", (size, size), BACKGROUND)
     for face, x in ((a, 0), (b, size // 2)):
         img.paste(render_face(face, size // 2), (x, size // 4))
@@ -344,7 +372,12 @@ def write_standin(root: Path, per_class: int = DEFAULT_PER_CLASS, size: int = DE
                 attrs = sample_attributes(expression, i)
                 name = f"{expression.name}_{i:03d}.png"
                 kind = next((k for step, j, k in HARD_CASES if i == j and expression.index % step == 0), "")
-                if kind:
+                if kind == "copy" and i + 1 >= per_class:
+                    kind = ""  # nothing to copy
+                if kind == "copy":  # the previous class's image i + 1, byte for byte
+                    attrs = sample_attributes(emo135.classes()[expression.index - 1], i + 1)
+                    img = render_face(attrs, size)
+                elif kind:
                     other = sample_attributes(expression, i + 1000)
                     img = render_hard_case(kind, attrs, other, size)
                 else:

@@ -20,6 +20,20 @@ def test_rendering_is_byte_identical(tmp_path):
         assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
 
 
+def test_hard_cases_are_planted_in_every_class(tmp_path):
+    root = standin.write_standin(tmp_path, per_class=10).parent
+    attrs = pd.read_csv(root / standin.ATTRIBUTES_FILE, keep_default_na=False)
+    classes = emo135.classes()
+    kinds = attrs.groupby("hard_case").size()
+    assert kinds["empty"] == kinds["pair"] == 135 and kinds["copy"] == len(range(0, 135, 9))
+    empties = [(root / f).read_bytes() for f in attrs.loc[attrs["hard_case"] == "empty", "file"]]
+    assert len(set(empties)) == 135  # no two alike: prepare must find no face, not a duplicate
+    for c in classes[::9]:  # a copy is the previous class's next image, byte for byte
+        prev = classes[c.index - 1].name
+        copy = root / "emo135" / c.name / f"{c.name}_008.png"
+        assert copy.read_bytes() == (root / "emo135" / prev / f"{prev}_009.png").read_bytes()
+
+
 def test_classes_have_distinct_expressions():
     vectors = np.array([standin.class_expression(c) for c in emo135.classes()])
     assert len(np.unique(vectors.round(3), axis=0)) == 135
