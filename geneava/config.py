@@ -185,6 +185,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "identity_threshold": number(0.0, 1.0),  # reported verification rates use the paper's 0.68
         "detector_pool": integer(1),
         "detector_steps": integer(1),
+        "detector_scenes": number(0.0, 1.0),  # share of the faceless canvases that are scenes, not a wall
     },
     "models": {
         # "tiny": a seeded, randomly initialised SDXL of the real architecture, built from config.
@@ -214,6 +215,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "detector": detector,
         "detector_root": text(),  # insightface root: models in <root>/models/<pack>
         "detector_pack": text(),
+        "detector_threshold": number(0.0, 1.0),  # RetinaFace's minimum face score
         "watermark": text(),  # "none" or the path of the ConvNeXt-T watermark classifier weights
         "watermark_threshold": number(0.0, 1.0),
         "crop_margin": number(0.0, 2.0),

@@ -144,7 +144,9 @@ def prepare(params: dict, out_dir: Path, root: Path, detector=None, watermark=No
     images, classes_report = scan(source, params["classes"])
     if images.empty:
         raise DataError(f"no image files under {source}")
-    detector = detector or face_detector(params["detector"], params["detector_root"], params["detector_pack"])
+    detector = detector or face_detector(
+        params["detector"], params["detector_root"], params["detector_pack"], params["detector_threshold"]
+    )
     if watermark is None and params["watermark"] != "none":
         watermark = watermark_filter(params["watermark"], params["watermark_threshold"])
     need = {"finetune": params["finetune_per_class"], "eval": params["eval_per_class"]}

@@ -89,7 +89,13 @@ class RetinaFaceDetector:
 
     name = "retinaface"
 
-    def __init__(self, root: str = "~/.insightface", pack: str = "buffalo_l", det_size: int = 640):
+    def __init__(
+        self,
+        root: str = "~/.insightface",
+        pack: str = "buffalo_l",
+        det_size: int = 640,
+        threshold: float = 0.5,
+    ):
         pack_dir = Path(root).expanduser() / "models" / pack
         if not any(pack_dir.glob("det_*.onnx")):
             raise FileNotFoundError(
@@ -104,7 +110,7 @@ class RetinaFaceDetector:
             allowed_modules=["detection"],
             providers=["CPUExecutionProvider"],
         )
-        self._app.prepare(ctx_id=-1, det_size=(det_size, det_size))
+        self._app.prepare(ctx_id=-1, det_thresh=threshold, det_size=(det_size, det_size))
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         faces = self._app.get(np.ascontiguousarray(rgb[:, :, ::-1]))  # insightface expects BGR
@@ -135,18 +141,21 @@ class TorchRetinaFace:
         return [Face(box, score, points) for box, score, points in found]
 
 
-def face_detector(name: str = "auto", root: str = "~/.insightface", pack: str = "buffalo_l"):
+def face_detector(
+    name: str = "auto", root: str = "~/.insightface", pack: str = "buffalo_l", threshold: float = 0.5
+):
     """The detector the params ask for; `auto` falls back to dlib (and says why) without RetinaFace;
-    `tiny` or a .safetensors/.pth checkpoint is our PyTorch RetinaFace."""
+    `tiny` or a .safetensors/.pth checkpoint is our PyTorch RetinaFace. `threshold` is RetinaFace's
+    minimum face score (insightface's default 0.5); dlib's MMOD keeps its own rule."""
     if config.torch_retinaface(name):
-        return TorchRetinaFace(name)
+        return TorchRetinaFace(name, threshold)
     if name not in DETECTORS:
         raise ValueError(
             f"unknown detector '{name}' (known: {', '.join(DETECTORS)}, tiny, or a RetinaFace checkpoint)"
         )
     if name in ("auto", "retinaface"):
         try:
-            return RetinaFaceDetector(root, pack)
+            return RetinaFaceDetector(root, pack, threshold=threshold)
         except FileNotFoundError as e:
             if name == "retinaface":
                 raise

@@ -161,10 +161,11 @@ def identity_samples(people: int, views: int, seed: int) -> tuple[list[dict], np
 
 
 def detection_samples(
-    n: int, seed: int, size: int
+    n: int, seed: int, size: int, scenes: float = 0.0
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Face-detection data: `size`-px canvases with no face (10%), one (75%: 0.55-1.35 of the frame,
-    off centre, so some are cut by the frame as a too-close face is) or two side by side (15%), of
+    """Face-detection data: `size`-px canvases with no face (10%; a share `scenes` of them a scene with
+    trees and buildings, `standin.render_scene`, the rest a blank wall), one (75%: 0.55-1.35 of the
+    frame, off centre, so some are cut by the frame as a too-close face is) or two side by side (15%), of
     new people under any class's expression, slightly blurred. Returns uint8 images and per image
     the faces' boxes (k, 4) and landmarks (k, 5, 2) in pixels (`standin.landmarks`)."""
     rng = np.random.default_rng([41, seed])
@@ -173,6 +174,8 @@ def detection_samples(
     for _ in tqdm(range(n), desc="render detector pool", unit="image", leave=False):
         canvas = Image.new("RGB", (size, size), standin.BACKGROUND)
         count = int(rng.choice(3, p=(0.1, 0.75, 0.15)))
+        if count == 0 and scenes and rng.random() < scenes:
+            canvas = standin.render_scene(int(rng.integers(2**31)), size)
         b, p = [], []
         for j in range(count):
             c = classes[int(rng.integers(len(classes)))]
@@ -462,7 +465,7 @@ def phase_keys(params: dict, prompt_params: dict) -> dict[str, str]:
             "arcface_scale",
             "arcface_margin",
         ),
-        "detector": ("detector_pool", "detector_steps"),
+        "detector": ("detector_pool", "detector_steps", "detector_scenes"),
     }
     keys = {ph: checkpoints.fingerprint(ph, common, {k: params[k] for k in own[ph]}) for ph in PHASES}
     keys["base"] = checkpoints.fingerprint(keys["base"], prompt_params)
@@ -570,14 +573,20 @@ def pretrain(params: dict, prompt_params: dict, out_dir: Path, phases: tuple[str
         )
         mark("identity", {**result, "final_loss": float(np.mean(losses[-20:]))})
     if "detector" in phases and not finished("detector"):
-        pool, boxes, points = detection_samples(params["detector_pool"], seed, size)
+        scenes = params["detector_scenes"]
+        pool, boxes, points = detection_samples(params["detector_pool"], seed, size, scenes)
         vae = _trained_vae(out_dir)
         # every other canvas as the VAE returns it (generated images), the rest as rendered (Emo135's)
         pool[1::2] = through_vae(pool[1::2], vae)
         model = retinaface.tiny(seed).train()
         losses = train_detector(model, pool, boxes, points, params, seed)
-        held, held_boxes, held_points = detection_samples(300, seed + 1, size)
+        held, held_boxes, held_points = detection_samples(300, seed + 1, size, scenes)
         result = check_detector(model, held, held_boxes, held_points)
+        # faceless scenes alone (Emo135's "no face" files): every detection is a false one
+        empty = _to_tensor([standin.render_scene(seed * 100_003 + k + 7, size) for k in range(200)])
+        result["scene_false_detections"] = check_detector(
+            model, empty, [torch.zeros(0, 4)] * 200, [None] * 200
+        )["false_detections"]
         decoded = check_detector(model, through_vae(held, vae), held_boxes, held_points)
         result.update({f"vae_{k}": decoded[k] for k in ("heldout_recall", "right_count_share")})
         _save_atomic(

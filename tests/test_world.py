@@ -33,6 +33,7 @@ TINY = dict(
     identity_threshold=0.68,
     detector_pool=8,
     detector_steps=2,
+    detector_scenes=0.5,
 )
 COMMITTED = ROOT / "models" / "world"
 
@@ -194,6 +195,16 @@ def test_committed_detector_finds_every_groups_faces_with_their_landmarks():
         "pair", standin.sample_attributes(classes[0], 1), standin.sample_attributes(classes[1], 2), 128
     )
     assert len(detector.detect(np.asarray(pair))) == 2
+    # scenes with nobody in them (the stand-in's "empty" files; the detector trained on other seeds):
+    # before scenes were among its negatives it found a "face" in 134 of 135 of them
+    scenes = [np.asarray(standin.render_scene(10_000 + k, 64)) for k in range(60)]
+    assert sum(len(detector.detect(s)) > 0 for s in scenes) <= 9
+    # prepare's detector_threshold (0.9: every held-out world face scores above it) drops a scene the
+    # default 0.5 calls a face (the stand-in's isolation_006.png, score 0.66)
+    isolation = next(c for c in classes if c.name == "isolation")
+    scene = np.asarray(standin.render_hard_case("empty", standin.sample_attributes(isolation, 6), {}, 64))
+    strict = faces.face_detector(str(COMMITTED / world.DETECTOR_FILE), threshold=0.9)
+    assert len(detector.detect(scene)) == 1 and strict.detect(scene) == []
 
 
 @needs_world
