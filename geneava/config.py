@@ -71,8 +71,12 @@ def integer(lo: int | None = None, hi: int | None = None, optional: bool = False
     return check
 
 
-def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Callable:
+def number(
+    lo: float | None = None, hi: float | None = None, lo_open: bool = False, optional: bool = False
+) -> Callable:
     def check(key: str, v: Any) -> Any:
+        if v is None and optional:
+            return None
         # YAML 1.1 reads "1e-6" as a string; accept numeric strings, reject anything else.
         if isinstance(v, str):
             try:
@@ -80,7 +84,7 @@ def number(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
             except ValueError:
                 _fail(key, v, "a number")
         if isinstance(v, bool) or not isinstance(v, int | float):
-            _fail(key, v, "a number")
+            _fail(key, v, "a number" + (" or null" if optional else ""))
         v = float(v)
         if lo is not None and (v < lo or (lo_open and v == lo)):
             _fail(key, v, f"a number {'>' if lo_open else '>='} {lo}")
@@ -218,7 +222,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "detector_threshold": number(0.0, 1.0),  # RetinaFace's minimum face score
         "watermark": text(),  # "none" or the path of the ConvNeXt-T watermark classifier weights
         "watermark_threshold": number(0.0, 1.0),
-        "crop_margin": number(0.0, 2.0),
+        "crop_margin": number(0.0, 2.0, optional=True),  # null: the whole image, not cropped
         "max_pixels": integer(1),  # larger images are dropped (decompression-bomb guard)
     },
     "finetune": {
@@ -275,7 +279,9 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "detector": detector,  # crops generated faces for the Exp. metric
         "detector_root": text(),
         "detector_pack": text(),
-        "crop_margin": number(0.0, 2.0),
+        "crop_margin": number(0.0, 2.0, optional=True),  # null: the whole image, not cropped
+        # crop the evaluation images too, as the generated ones (for when prepare kept them whole)
+        "crop_eval": boolean,
     },
     "memorization": {
         # identity model: auto = ArcFace from a local insightface pack if present, else dlib's 128-d ResNet;

@@ -112,8 +112,8 @@ class Embedder:
 
     def crop_faces(self, paths: list[str], size: int) -> tuple[torch.Tensor, np.ndarray]:
         """The largest detected face of each image, cropped as `prepare` cropped the Emo135 faces (same
-        margin, same size), so both sets reach POSTER alike; an image without a face is used whole and
-        flagged."""
+        margin, same size; `crop_margin: null` keeps whole images, as prepare then does), so both sets
+        reach POSTER alike; an image without a face is used whole and flagged."""
         from geneava.data import load_rgb
 
         crops, found = [], []
@@ -266,8 +266,10 @@ def evaluate(
         raise ValueError(f"{prepare_dir}: the evaluation split is empty; run the prepare stage")
     embedder = Embedder(model_params, params, device, detector)
     cache = Path(cache_dir) if cache_dir else out_dir / "embeddings"
-    ev_emb = cached_embeddings(embedder, "eval", ev["path"].tolist(), ev["sha256"].tolist(), None, cache)
-    crop_size = _image_tensor(ev["path"].iloc[:1].tolist()).shape[-1]  # prepare's crop size
+    crop_size = _image_tensor(ev["path"].iloc[:1].tolist()).shape[-1]  # prepare's image size
+    # as prepare wrote them, or (crop_eval: prepare kept whole images) cropped as the generated faces are
+    ev_crop = crop_size if params["crop_eval"] else None
+    ev_emb = cached_embeddings(embedder, "eval", ev["path"].tolist(), ev["sha256"].tolist(), ev_crop, cache)
     gen_emb = {}
     for v in names:
         used = gen[v][gen[v]["use"]]

@@ -164,10 +164,14 @@ def face_detector(
 
 
 def square_crop(
-    rgb: np.ndarray, box: tuple[float, float, float, float], margin: float, size: int
+    rgb: np.ndarray, box: tuple[float, float, float, float], margin: float | None, size: int
 ) -> Image.Image:
     """A square crop centred on the face box, enlarged by `margin` on each side, edge-padded where it
-    leaves the image, resized to `size`."""
+    leaves the image, resized to `size`. `margin=None` keeps the whole image (resized only if it is not
+    `size` square already): for images already framed as the generator draws faces."""
+    if margin is None:
+        img = Image.fromarray(rgb)
+        return img if img.size == (size, size) else img.resize((size, size), Image.Resampling.LANCZOS)
     x0, y0, x1, y1 = box
     side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2

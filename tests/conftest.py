@@ -52,6 +52,10 @@ def prepared(tmp_path_factory, standin_root, default) -> Path:
         classes=12,
         finetune_per_class=1,
         eval_per_class=2,
+        # face crops (the paper profile's framing), whatever the default profile keeps: with the whole
+        # stand-in images the seeded random CLIP twin tells the 12 classes apart too weakly for
+        # test_evaluate's known-answer checks (its paired CI reached -0.0008)
+        crop_margin=0.25,
     )
     data.prepare(p, out, standin_root, detector=WholeImage())
     return out
