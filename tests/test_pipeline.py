@@ -172,7 +172,7 @@ def test_everything_up_to_date_and_second_repro_is_a_no_op(clone):
     "path, value, changed",
     [
         (("generate", "default", "steps"), 3, {"generate", "ablation", "refill"}),
-        (("finetune", "default", "lr"), 2.0e-4, {"finetune", "ablation"}),
+        (("finetune", "default", "lr"), 3.0e-4, {"finetune", "ablation"}),
         (("prepare", "default", "seed"), 1, {"prepare"}),
         (
             ("prompts", "default", "negative"),
@@ -193,6 +193,10 @@ def test_everything_up_to_date_and_second_repro_is_a_no_op(clone):
 )
 def test_a_param_change_marks_only_its_stages(clone, path, value, changed):
     """`dvc status` names the stages whose own params changed (downstream follows via their deps)."""
+    node = yaml.safe_load((clone / "params.yaml").read_text())
+    for part in path:
+        node = node[part]
+    assert node != value, f"{'.'.join(path)} is already {value!r}: pick another test value"
     original = _edit(clone, path, value)
     try:
         assert _status(clone) == changed
@@ -209,7 +213,8 @@ def _ran(log: str) -> set[str]:
 
 
 def test_repro_after_a_change_reruns_that_stage_and_what_follows(clone):
-    original = _edit(clone, ("finetune", "default", "lr"), 2.0e-4)
+    lr = yaml.safe_load((clone / "params.yaml").read_text())["finetune"]["default"]["lr"]
+    original = _edit(clone, ("finetune", "default", "lr"), float(lr) / 2)  # any other value
     try:
         assert _ran(_run([BIN / "dvc", "repro"], clone).stdout) == {"finetune", "generate", *AFTER_GENERATE}
     finally:
