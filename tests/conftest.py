@@ -24,6 +24,17 @@ class WholeImage:
         return [Face((0.0, 0.0, float(w), float(h)), 1.0)]
 
 
+class CentreFace:
+    """Test double for a face detector: one face, the middle half of the image (so a crop differs
+    from the whole image)."""
+
+    name = "centre (test double)"
+
+    def detect(self, rgb):
+        h, w = rgb.shape[:2]
+        return [Face((w / 4, h / 4, 3 * w / 4, 3 * h / 4), 0.99)]
+
+
 @pytest.fixture(scope="session")
 def params() -> dict:
     return config.load_params(ROOT / "params.yaml")

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from geneava import data, standin
-from geneava.faces import Face, face_detector, square_crop
+from geneava.faces import face_detector, square_crop
 from geneava.io import sha256_file
 
-from .conftest import WholeImage
+from .conftest import CentreFace, WholeImage
 
 
 def _face_png(i: int = 0, size: int = 64) -> bytes:
@@ -299,23 +299,20 @@ def test_no_face_and_several_faces_are_dropped_with_their_reason(emo_like, defau
 
 
 def test_crop_margin_null_keeps_the_whole_image_a_margin_crops_the_face(emo_like, default, tmp_path):
-    class Centre:  # detector double: one face, the middle half of the image
-        name = "centre double"
-
-        def detect(self, rgb):
-            h, w = rgb.shape[:2]
-            return [Face((w / 4, h / 4, 3 * w / 4, 3 * h / 4), 0.99, None)]
-
     p = _params(default, emo_like / "emo135", classes=1, finetune_per_class=4, eval_per_class=4)
     for margin in (None, 0.0):
-        m = data.prepare({**p, "crop_margin": margin}, tmp_path / str(margin), emo_like, detector=Centre())
+        m = data.prepare(
+            {**p, "crop_margin": margin}, tmp_path / str(margin), emo_like, detector=CentreFace()
+        )
         rows = m[(m.split != "") & m.source.str.contains("img ")]
         assert len(rows) > 0
         for row in rows.itertuples():
             src = np.asarray(Image.open(emo_like / row.source).convert("RGB"))
             got = np.asarray(Image.open(tmp_path / str(margin) / "data" / row.file))
             expected = (
-                src if margin is None else np.asarray(square_crop(src, Centre().detect(src)[0].box, 0.0, 64))
+                src
+                if margin is None
+                else np.asarray(square_crop(src, CentreFace().detect(src)[0].box, 0.0, 64))
             )
             assert np.array_equal(got, expected)
             assert np.array_equal(got, src) == (margin is None)  # the margin-0 crop is the face, upscaled

@@ -14,9 +14,8 @@ import torch
 
 from geneava import evaluate, metrics, models
 from geneava.data import load_images, read_split
-from geneava.faces import Face
 from geneava.io import sha256_file, write_csv
-from tests.conftest import WholeImage
+from tests.conftest import CentreFace, WholeImage
 
 
 def fake_generation(prepared: Path, out: Path, qc: dict[str, str] | None = None) -> Path:
@@ -204,16 +203,9 @@ def test_other_variant_pairs_are_labelled_and_the_ablation_summary_reads_both(
 
 
 def test_crop_margin_null_gives_poster_the_whole_image(prepared, default, eval_params):
-    class Centre:  # detector double: one face, the middle half of the image
-        name = "centre double"
-
-        def detect(self, rgb):
-            h, w = rgb.shape[:2]
-            return [Face((w / 4, h / 4, 3 * w / 4, 3 * h / 4), 0.99, None)]
-
     paths = list(read_split(prepared, "eval")["path"][:3])
-    whole = evaluate.Embedder(default["models"], {**eval_params, "crop_margin": None}, "cpu", Centre())
-    cropped = evaluate.Embedder(default["models"], {**eval_params, "crop_margin": 0.0}, "cpu", Centre())
+    whole = evaluate.Embedder(default["models"], {**eval_params, "crop_margin": None}, "cpu", CentreFace())
+    cropped = evaluate.Embedder(default["models"], {**eval_params, "crop_margin": 0.0}, "cpu", CentreFace())
     faces, found = whole.crop_faces(paths, 64)
     assert found.all() and torch.allclose(faces, evaluate._image_tensor(paths), atol=1e-6)
     assert not torch.equal(cropped.crop_faces(paths, 64)[0], faces)
