@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from geneava import checkpoints, config, models, parallel, prompts
 from geneava.config import ParamsError
 from geneava.data import load_images, read_split
-from geneava.io import sha256_file, write_csv, write_json
+from geneava.io import sha256_file, source_fingerprint, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +214,10 @@ def finetune(
     if per_epoch == 0:
         raise ParamsError("fewer micro-batches per process than gradient_accumulation_steps")
     total = params["max_train_steps"] or params["epochs"] * per_epoch
+    # the weights behind the model paths too: a base retrained in place never resumes old checkpoints
+    weights = [source_fingerprint(model_params[k]) for k in ("sdxl", "expression")]
     run_id = checkpoints.fingerprint(
-        model_params, prompt_params, params, resolution, world, list(rows["sha256"])
+        model_params, prompt_params, params, resolution, world, list(rows["sha256"]), weights
     )
     ckpt_dir = out_dir / "checkpoints"
     step, micro, history = 0, 0, []

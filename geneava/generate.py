@@ -28,7 +28,15 @@ from tqdm.auto import tqdm
 
 from geneava import config, models, parallel, prompts, qc
 from geneava.faces import face_detector
-from geneava.io import atomic_write_text, save_png, sha256_bytes, sha256_file, write_csv, write_json
+from geneava.io import (
+    atomic_write_text,
+    save_png,
+    sha256_bytes,
+    sha256_file,
+    source_fingerprint,
+    write_csv,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 VARIANTS = ("finetuned", "baseline")
@@ -58,6 +66,8 @@ def _settings(model_params: dict, params: dict, lora_sha256: str | None) -> dict
     keys = ("steps", "guidance_scale", "resolution", "qc_border", "max_retries", "detector")
     return {
         "model": model_params["sdxl"],
+        "model_weights": source_fingerprint(model_params["sdxl"]),  # retrained in place: new images
+        "detector_weights": source_fingerprint(params["detector"]),
         "model_seed": model_params["seed"],
         "dtype": model_params["dtype"],
         "lora_sha256": lora_sha256,

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from geneava.faces import DlibDetector, dlib_model_dir
+from geneava.io import source_fingerprint
 from geneava.poster import BottleneckIR
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class WorldIdentity:
     def __init__(self, path: str | Path):
         self.net = load_identity_net(Path(path).expanduser())
         self.name = f"world-arcface ({Path(path).name})"
+        self.weights = source_fingerprint(path)  # cache keys: retrained in place means embedded anew
 
     @torch.no_grad()
     def embed(self, rgb: np.ndarray) -> tuple[np.ndarray, bool]:

@@ -70,6 +70,30 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def source_fingerprint(source: str | Path | None) -> str | None:
+    """What a model source holds, for resume and cache keys: for a local file or folder, a sha256 over
+    its files' relative names and contents (so weights retrained in place are never mistaken for the
+    old ones); for anything else (a hub id, "tiny", a built-in name) the source itself. Hashes are
+    remembered per process by path, size and modification time."""
+    if source is None:
+        return None
+    path = Path(str(source)).expanduser()
+    if not path.exists():
+        return str(source)
+    files = sorted(f for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
+    stamp = (str(path), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stamp not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+            h.update(sha256_file(f).encode())
+        _FINGERPRINTS[stamp] = h.hexdigest()[:16]
+    return _FINGERPRINTS[stamp]
+
+
 class _Inert:
     """Stands in for any class a checkpoint pickles besides tensors: it records, it never runs code."""
 

@@ -108,7 +108,7 @@ def labelled_pairs(params: dict, root: Path, out_dir: Path) -> pd.DataFrame | No
 
 def embeddings(model, name: str, rows: pd.DataFrame, cache_dir: Path) -> dict[str, torch.Tensor]:
     """Identity embeddings of a set, cached by file hashes and model."""
-    key = {"files": rows["sha256"].tolist(), "model": model.name}
+    key = {"files": rows["sha256"].tolist(), "model": model.name, "weights": getattr(model, "weights", None)}
     return cached_tensors(
         Path(cache_dir) / f"{name}.safetensors",
         key,

@@ -34,6 +34,7 @@ from geneava.io import (
     save_png,
     sha256_bytes,
     sha256_file,
+    source_fingerprint,
     write_csv,
     write_json,
 )
@@ -116,8 +117,10 @@ def _settings(p: dict, lora_sha: str, rule: str, derived: float | None) -> dict:
     g, s, m = p["gen_params"], p["sty_params"], p["mem_params"]
     return {
         "model": p["model_params"]["sdxl"],
+        "model_weights": source_fingerprint(p["model_params"]["sdxl"]),
         "model_seed": p["model_params"]["seed"],
         "expression_model": p["model_params"]["expression"],
+        "expression_weights": source_fingerprint(p["model_params"]["expression"]),
         "lora_sha256": lora_sha,
         "generate": {k: g[k] for k in ("steps", "guidance_scale", "resolution", "qc_border", "detector")},
         "stylize": {

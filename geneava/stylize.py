@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from geneava import config, emo135, identity, models, qc
 from geneava.data import load_rgb
-from geneava.io import atomic_write_text, save_png, sha256_bytes, write_csv, write_json
+from geneava.io import atomic_write_text, save_png, sha256_bytes, source_fingerprint, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +278,10 @@ def stylize(
     settings |= {
         "guidance_scale": params["guidance_scale"],
         "model": model_params["sdxl"],
+        "model_weights": source_fingerprint(model_params["sdxl"])
+        if params["stylizer"] == "sdxl_img2img"
+        else None,
+        "dctnet_weights": source_fingerprint(params["dctnet"]) if params["stylizer"] == "dctnet" else None,
         "seed": model_params["seed"],
     }
     avatars = out_dir / "avatars"
@@ -287,7 +291,13 @@ def stylize(
         shutil.rmtree(avatars)
     write_json(run_file, settings)
     record = {f: avatars / Path(f).with_suffix(".json") for f in rows["file"]}
-    todo = rows[[not record[f].exists() for f in rows["file"]]]
+
+    def done(row) -> bool:  # an avatar of this very face: a regenerated face gets a new one
+        return (
+            record[row.file].exists() and json.loads(record[row.file].read_text()).get("source") == row.sha256
+        )
+
+    todo = rows[[not done(r) for r in rows.itertuples()]]
     if len(todo) < len(rows):
         log.info("resuming: %d of %d avatars already done", len(rows) - len(todo), len(rows))
     if len(todo):
@@ -304,7 +314,9 @@ def stylize(
                     if avatar.size != src.size:
                         raise RuntimeError(f"stylizer {styler.name} changed the size of {row.file}")
                     data = save_png(avatars / row.file, avatar)
-                    atomic_write_text(record[row.file], json.dumps({"sha256": sha256_bytes(data)}))
+                    atomic_write_text(
+                        record[row.file], json.dumps({"sha256": sha256_bytes(data), "source": row.sha256})
+                    )
                     bar.update(1)
     pairs = pd.DataFrame(
         {

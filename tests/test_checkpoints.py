@@ -10,6 +10,30 @@ from safetensors.torch import save_file
 from geneava import poster, watermark
 from geneava.io import load_tensors
 
+
+def test_source_fingerprint_follows_the_weights_behind_a_path(tmp_path):
+    from geneava.io import source_fingerprint
+
+    folder = tmp_path / "sdxl"
+    (folder / "unet").mkdir(parents=True)
+    weights = folder / "unet" / "w.safetensors"
+    save_file({"w": torch.zeros(3)}, str(weights))
+    first = source_fingerprint(folder)
+    assert source_fingerprint(str(folder)) == first  # same files: same fingerprint
+    save_file({"w": torch.ones(3)}, str(weights))  # retrained in place
+    second = source_fingerprint(folder)
+    assert second != first
+    assert source_fingerprint(weights) != source_fingerprint(folder)
+    (folder / "unet" / "w.safetensors").rename(folder / "unet" / "v.safetensors")
+    assert source_fingerprint(folder) != second  # the same bytes under another name
+    # not a local path: the source names itself (a hub id, "tiny")
+    assert (
+        source_fingerprint("stabilityai/stable-diffusion-xl-base-1.0")
+        == "stabilityai/stable-diffusion-xl-base-1.0"
+    )
+    assert source_fingerprint("tiny") == "tiny" and source_fingerprint(None) is None
+
+
 # Parameter names read off the official POSTER code (zczcwh/POSTER, models/*.py).
 OFFICIAL_KEYS = [
     "face_landback.conv1.conv.weight",

@@ -172,6 +172,15 @@ def test_checkpoints_of_other_settings_are_not_resumed(prepared, tmp_path, defau
     assert list(history["step"]) == [1, 2, 3, 4]  # started from scratch
 
 
+def test_checkpoints_of_a_base_retrained_in_place_are_not_resumed(prepared, tmp_path, default, monkeypatch):
+    base = dict(default["finetune"], max_train_steps=4, checkpoint_every=2)
+    finetune.finetune(default["models"], default["prompts"], base, prepared, tmp_path, 64)
+    real = finetune.source_fingerprint
+    monkeypatch.setattr(finetune, "source_fingerprint", lambda s: real(s) + "-retrained")
+    history = finetune.finetune(default["models"], default["prompts"], base, prepared, tmp_path, 64)
+    assert list(history["step"]) == [1, 2, 3, 4]  # same path, other weights: started from scratch
+
+
 @pytest.mark.e2e
 def test_accelerate_launch_with_two_cpu_processes(prepared, tmp_path):
     params_file = _params_file(tmp_path, num_processes=2, max_train_steps=3)

@@ -153,6 +153,17 @@ def test_other_settings_clear_stale_images(default, trained, tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["steps"] == 3
 
 
+def test_a_base_model_retrained_in_place_clears_its_images(default, trained, tmp_path, monkeypatch):
+    first = _gen(default, tmp_path, trained / "lora", limit=2, steps=2)
+    real = generate.source_fingerprint
+    # the same models.<profile>.sdxl path, other weights behind it (the world stage retrained it)
+    monkeypatch.setattr(generate, "source_fingerprint", lambda s: real(s) + "-retrained")
+    mtimes = [(tmp_path / f).stat().st_mtime_ns for f in first["file"]]
+    again = _gen(default, tmp_path, trained / "lora", limit=2, steps=2)
+    assert [(tmp_path / f).stat().st_mtime_ns for f in again["file"]] != mtimes  # rendered anew
+    assert again["model_weights"].str.endswith("-retrained").all()
+
+
 def test_baseline_and_finetuned_share_prompts_and_seeds(default, trained, tmp_path):
     ft = _gen(default, tmp_path / "ft", trained / "lora", limit=3)
     base = _gen(default, tmp_path / "base", None, limit=3)

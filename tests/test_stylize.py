@@ -89,6 +89,26 @@ def test_the_stage_pairs_every_face_with_its_avatar_and_resumes(people, tmp_path
     assert kept["row_id"].tolist() == ["joy|1", "joy|2"]
 
 
+def test_a_face_rendered_again_gets_a_new_avatar(people, tmp_path, default, monkeypatch):
+    faces = [_portrait(p) for p in people[:2]]
+    gen = write_generated(tmp_path / "generate", faces, "joy")
+    params = dict(default["stylize"], include="all", stylizer="passthrough")
+    first = stylize.stylize(default["models"], default["prompts"], params, gen, tmp_path / "out")
+    # the generate stage renders row 1 again (a retrained base model): same file name, other pixels
+    write_generated(tmp_path / "generate", [faces[0], _portrait(people[2])], "joy")
+    calls = []
+    real = stylize.Passthrough.stylize
+    monkeypatch.setattr(
+        stylize.Passthrough, "stylize", lambda self, im, m: calls.append(len(im)) or real(self, im, m)
+    )
+    again = stylize.stylize(default["models"], default["prompts"], params, gen, tmp_path / "out")
+    assert calls == [1]  # row 0 resumed, row 1 redone
+    assert again["avatar_sha256"][0] == first["avatar_sha256"][0]
+    assert again["avatar_sha256"][1] != first["avatar_sha256"][1]
+    same = np.asarray(Image.open(tmp_path / "out" / again["avatar"][1]))
+    assert (same == np.asarray(Image.open(gen / again["realistic"][1]))).all()  # passthrough of the new face
+
+
 def test_sdxl_img2img_stylizer_runs_through_diffusers(default):
     params = dict(default["stylize"], stylizer="sdxl_img2img", steps=2)
     styler = stylize.stylizer(params, default["models"], default["prompts"])
