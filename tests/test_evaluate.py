@@ -199,6 +199,9 @@ def test_other_variant_pairs_are_labelled_and_the_ablation_summary_reads_both(
     assert summary.loc["Exp. ↓", "α = 0"] == pytest.approx(baseline)  # "α = 0" was the baseline's images
     assert summary.loc["Exp. ↓", "baseline"] == pytest.approx(baseline)
     assert "[" in summary.loc["Exp. ↓", "α = 1 − α = 0"]
+    recog = first["result"]["recognition"]  # the same images again, so the same recognition
+    assert summary.loc["Recognition ↑", "α = 1"] == pytest.approx(recog["finetuned"]["mean"])
+    assert summary.loc["Recognition ↑", "α = 0"] == pytest.approx(recog["baseline"]["mean"])
     assert ablation.summary_markdown(summary, 1.0, 0.0).count("|") > 20
 
 
@@ -210,3 +213,76 @@ def test_crop_margin_null_gives_poster_the_whole_image(prepared, default, eval_p
     assert found.all() and torch.allclose(faces, evaluate._image_tensor(paths), atol=1e-6)
     assert not torch.equal(cropped.crop_faces(paths, 64)[0], faces)
     assert whole.settings["crop_margin"] is None  # part of the embedding cache key
+
+
+def test_recognition_of_copies_equals_the_real_faces_own(evaluated):
+    # the "fine-tuned" images are the evaluation images themselves, class by class: POSTER names the
+    # same primaries for them, so their recognition is the evaluation set's, to the last digit
+    _, out, ev = evaluated
+    r = ev["result"]["recognition"]
+    assert r["finetuned"]["mean"] == pytest.approx(r["eval"]["mean"], abs=1e-12)
+    assert r["difference"]["mean"] == pytest.approx(r["finetuned"]["mean"] - r["baseline"]["mean"], abs=1e-12)
+    for v in ("finetuned", "baseline", "eval", "difference"):
+        assert r[v]["lo"] <= r[v]["mean"] <= r[v]["hi"]
+    assert 0 <= r["baseline"]["mean"] <= 1 and r["chance"] == pytest.approx(1 / 6)
+    assert "Recognition (↑)" in (out / "table1.md").read_text()
+
+
+class _Encoder(torch.nn.Module):
+    """An expression encoder double whose prediction is feature[0], as an integer class index."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.config = type("Config", (), {"num_classes": num_classes})()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def head(self, features):
+        return torch.nn.functional.one_hot(features[:, 0].long(), self.config.num_classes).float()
+
+
+def test_recognition_reads_predictions_as_primaries():
+    from geneava import emo135
+
+    fine = emo135.classes()
+    by_name = {c.name: c for c in fine}
+    # a 135-class head: right when the predicted class shares the intended class's primary
+    love = [c.index for c in fine if c.primary == "love"]
+    anger = [c.index for c in fine if c.primary == "anger"]
+    feats = torch.tensor([[love[1]], [anger[0]], [love[0]]], dtype=torch.float32)
+    intended = [fine[love[0]].name, fine[love[0]].name, fine[anger[1]].name]
+    assert evaluate.recognised(_Encoder(135), feats, intended).tolist() == [True, False, False]
+    # a 7-class head is read in RAF-DB's order: happiness (3) fits love and joy, disgust (2) anger,
+    # neutral (6) nothing
+    joy = next(c.name for c in fine if c.primary == "joy")
+    contempt = by_name["contempt"].name
+    assert by_name[contempt].primary == "anger"
+    feats = torch.tensor([[3], [3], [2], [6], [0]], dtype=torch.float32)
+    intended = [fine[love[0]].name, joy, contempt, joy, joy]
+    assert evaluate.recognised(_Encoder(7), feats, intended).tolist() == [True, True, True, False, False]
+    assert evaluate.primary_compatibility(7).sum(1).tolist() == [1, 1, 1, 2, 1, 1, 0]
+    assert (evaluate.primary_compatibility(135).sum(1) == 1).all()
+    assert evaluate.recognised(_Encoder(10), feats, intended) is None
+    with pytest.raises(ValueError, match="outside the 135"):
+        evaluate.recognised(_Encoder(7), feats[:1], ["not an emotion"])
+
+
+def test_primary_grid_shows_posters_verdict_under_each_face(
+    evaluated, prepared, default, eval_params, tmp_path
+):
+    import matplotlib.pyplot as plt
+
+    from geneava import emo135
+
+    gen, _, _ = evaluated
+    fig = evaluate.primary_grid(
+        default["models"], eval_params, prepared, gen, classes_per_primary=1, detector=WholeImage(),
+        save_to=tmp_path / "grid.png",
+    )  # fmt: skip
+    classes = sorted(read_split(prepared, "eval")["expression"].unique())
+    primaries = {c.primary for c in emo135.classes() if c.name in classes}
+    axes = np.array(fig.axes).reshape(3, -1)  # real, fine-tuned, baseline
+    assert axes.shape[1] == len(primaries) and (tmp_path / "grid.png").stat().st_size > 0
+    labels = [[ax.get_xlabel() for ax in row] for row in axes]
+    assert all(lab.endswith(("✓", "✗")) for row in labels for lab in row)
+    assert labels[0] == labels[1]  # the "fine-tuned" faces are the real ones: POSTER says the same
+    plt.close(fig)
