@@ -144,6 +144,23 @@ def test_planted_copies_are_flagged_and_other_people_are_not(planted):
     assert out["metrics"]["finetune"]["same_model"] == 2 and out["metrics"]["reference"]["same_model"] == 1
     assert sorted(out["removal"]["row_id"]) == sorted(["x|0", "x|1", last])
     assert out["report"]["faces_not_found"]["generated"] == 0
+    # 2 of n generated faces copy a fine-tuning person, 1 is the reference person: excess 1/n
+    ex = out["metrics"]["excess_over_reference"]
+    assert ex["rule"] == "model" and ex["finetune"] == pytest.approx(2 / n)
+    assert ex["difference"]["mean"] == pytest.approx(1 / n)
+    assert ex["difference"]["lo"] <= ex["difference"]["mean"] <= ex["difference"]["hi"]
+
+
+def test_excess_over_reference_separates_copies_from_look_alikes():
+    n = 200
+    look_alikes = pd.DataFrame(
+        {"finetune_same_x": np.arange(n) % 10 == 0, "reference_same_x": np.arange(n) % 10 == 5}
+    )
+    ex = memorization.excess_over_reference(look_alikes, "x", seed=0)
+    assert ex["difference"]["mean"] == 0 and ex["difference"]["lo"] < 0 < ex["difference"]["hi"]
+    copies = look_alikes.assign(finetune_same_x=np.arange(n) % 3 == 0)  # a third copy a tuned person
+    ex = memorization.excess_over_reference(copies, "x", seed=0)
+    assert ex["difference"]["lo"] > 0.1
 
 
 def test_the_audit_writes_its_review_sheet_and_removal_list(planted):
