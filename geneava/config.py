@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,18 +37,36 @@ def project_root(start: Path | None = None) -> Path:
     """The folder holding params.yaml and dvc.yaml.
 
     GENEAVA_ROOT wins; otherwise search upwards from `start` (default: the working directory), so
-    papermill runs from the root and JupyterLab sessions in notebooks/ both find it.
+    papermill runs from the root and JupyterLab kernels in notebooks/ both find it; last, the checkout
+    this package was installed from (`pip install -e .`), for scripts run from elsewhere.
     """
     if env := os.environ.get("GENEAVA_ROOT"):
         return Path(env).resolve()
     here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
+    package_checkout = Path(__file__).resolve().parents[1]
+    for folder in (here, *here.parents, package_checkout):
         if (folder / PARAMS_FILE).is_file() and (folder / "dvc.yaml").is_file():
             return folder
     raise FileNotFoundError(
         f"no params.yaml + dvc.yaml found in {here} or above; run from the geneava checkout "
         "or set GENEAVA_ROOT"
     )
+
+
+def path(value: str | Path, root: Path | None = None) -> Path:
+    """The one path resolver: a path from params.yaml or a notebook parameter means a path relative to
+    the project root (or `root`), wherever the kernel or process runs (`~` expanded; absolute stays)."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else Path(root or project_root()) / p
+
+
+def source(value: str | Path | None) -> str | None:
+    """A model source: the resolved local file or folder when one exists there, else the value as given
+    (a hub id, or a built-in name such as `tiny`, `auto`, `dlib`)."""
+    if value is None:
+        return None
+    p = path(value)
+    return str(p) if p.exists() else str(value)
 
 
 # ---------------------------------------------------------------- validators
@@ -350,8 +369,56 @@ SCHEMA: dict[str, dict[str, Callable]] = {
 }
 
 
+# Keys that name model weights: (stage, key, names that are not paths, whether a hub id is allowed,
+# when the key is read). For the active profile a local path must exist, checked before any stage runs.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHT_KEYS: tuple[tuple[str, str, tuple[str, ...], bool, Callable[[dict], bool]], ...] = (
+    ("models", "sdxl", ("tiny",), True, lambda b: True),
+    ("models", "expression", ("tiny",), False, lambda b: True),
+    ("prepare", "detector", ("auto", "retinaface", "dlib", "tiny"), False, lambda b: True),
+    ("prepare", "watermark", ("none", "tiny"), False, lambda b: True),
+    ("generate", "detector", ("auto", "retinaface", "dlib", "tiny"), False, lambda b: b["qc"]),
+    ("evaluate", "detector", ("auto", "retinaface", "dlib", "tiny"), False, lambda b: True),
+    ("evaluate", "clip", ("tiny",), True, lambda b: True),
+    ("evaluate", "dino", ("tiny",), True, lambda b: True),
+    ("evaluate", "lpips", ("random", "torchvision"), False, lambda b: True),
+    ("memorization", "identity", ("auto", "arcface", "dlib"), False, lambda b: True),
+    ("stylize", "identity", ("auto", "arcface", "dlib"), False, lambda b: True),
+    ("stylize", "dctnet", ("tiny",), False, lambda b: b["stylizer"] == "dctnet"),
+    ("stylize", "lora", (), False, lambda b: b["stylizer"] == "sdxl_img2img" and b["lora"] is not None),
+)
+
+
+def check_sources(params: dict, profile: str, stages: tuple[str, ...] | None = None) -> None:
+    """Every model path the profile's `stages` (default: all) will read exists (relative paths: the
+    project root), so a typo fails now, naming its key, rather than after an hour of earlier stages."""
+    for stage, key, names, hub, used in WEIGHT_KEYS:
+        if stages is not None and stage not in stages:
+            continue
+        block = params[stage][profile]
+        value = block[key]
+        if value is None or value in names or not used(block):
+            continue
+        where = path(value)
+        if where.exists():
+            continue
+        if hub and _HUB_ID.match(str(value)):
+            continue  # a hub id (with network access, or already in the local hub cache)
+        options = f"one of {', '.join(names)}, " if names else ""
+        raise ParamsError(
+            f"params.yaml: {stage}.{profile}.{key} = {value!r}: no such file or folder ({where}; relative "
+            f"paths mean the project root). Put the weights there, fix the path, or use "
+            f"{options}{'a hub id, ' if hub else ''}as the comment beside the key says."
+        )
+
+
 def validate(params: dict) -> dict:
     """Check every stage section of every profile; return the params with normalised values."""
+    if params is None:
+        raise ParamsError(
+            "params.yaml is empty: restore it (`git checkout params.yaml`) or write its sections back "
+            "(docs in the README)"
+        )
     if not isinstance(params, dict):
         raise ParamsError("params.yaml must be a mapping of sections")
     profile = params.get("profile")
@@ -410,6 +477,7 @@ def blocks(*stages: str, profile: str | None = None, path: Path | None = None) -
     profile = profile or params["profile"]
     if profile not in PROFILES:
         _fail("profile", profile, f"one of {', '.join(PROFILES)}")
+    check_sources(params, profile, stages)
     return {s: dict(params[s][profile]) for s in stages}
 
 
@@ -419,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
+        check_sources(params, params["profile"])
     except (ParamsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from geneava import emo135
+from geneava import config, emo135
 from geneava.faces import face_detector, square_crop
 from geneava.io import save_png, sha256_bytes, write_csv, write_json
 from geneava.watermark import watermark_filter
@@ -140,7 +140,7 @@ def prepare(params: dict, out_dir: Path, root: Path, detector=None, watermark=No
     report are written (so you can see why), never a silent shrink of the splits.
     """
     out_dir, data_dir = Path(out_dir), Path(out_dir) / "data"
-    source = (root / params["source"]).resolve()
+    source = config.path(params["source"], root)
     images, classes_report = scan(source, params["classes"])
     if images.empty:
         raise DataError(f"no image files under {source}")

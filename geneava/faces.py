@@ -146,8 +146,11 @@ def face_detector(
 ):
     """The detector the params ask for; `auto` falls back to dlib (and says why) without RetinaFace;
     `tiny` or a .safetensors/.pth checkpoint is our PyTorch RetinaFace. `threshold` is RetinaFace's
-    minimum face score (insightface's default 0.5); dlib's MMOD keeps its own rule."""
+    minimum face score (insightface's default 0.5); dlib's MMOD keeps its own rule. Paths mean the
+    project root's (config.path), wherever the process runs."""
+    root = str(config.path(root))
     if config.torch_retinaface(name):
+        name = config.source(name)
         return TorchRetinaFace(name, threshold)
     if name not in DETECTORS:
         raise ValueError(

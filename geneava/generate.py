@@ -1,23 +1,21 @@
 """Generation from the balanced prompts (paper, "Prompts and generation"), with the paper's QC filter.
 
 The fine-tuned model (SDXL + LoRA) and the baseline (plain SDXL) render the same prompt rows with the
-same seeds. Each row's image is written atomically, then a small JSON record of it (seed used, QC
-verdict, sha256); a row is done when its record exists, so a killed run resumes where it stopped and a
-row can never appear twice. A row that fails QC (no face, several faces, face too close) is rendered
-again with the next derived seed, up to `max_retries` times; rows that never pass are kept, flagged and
-reported. Rows are sharded by batch over `accelerate` processes, so any number of processes renders
-exactly the batches a single process would.
+same seeds. Each row's image is written atomically, then its JSON record (seed used, QC verdict, sha256,
+and the key it was made under); geneava.resume reuses a row only when that key matches (its prompt,
+negative prompt, seed, batch and every setting), so a parameter change never leaves a stale image and a
+killed run resumes bit-identically. A row that fails QC (no face, several faces, face too close) is
+rendered again in the next round with its next derived seed, up to `max_retries` times; rows that never
+pass are kept, flagged and reported. Batches are dealt to `accelerate` processes, so any number of
+processes renders exactly the batches a single process would.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import re
-import shutil
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +24,9 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from geneava import config, models, parallel, prompts, qc
+from geneava import config, models, parallel, prompts, qc, resume
 from geneava.faces import face_detector
 from geneava.io import (
-    atomic_write_text,
     save_png,
     sha256_bytes,
     sha256_file,
@@ -107,6 +104,45 @@ def render(pipe, rows: pd.DataFrame, seeds: list[int], params: dict) -> list:
     ).images
 
 
+# Parameters that cannot change a rendered row, with why; every other value of the blocks generate reads
+# enters each row's key (resume.settings), and a test checks that changing any of them changes the keys.
+IGNORED = {
+    "models": {
+        "expression": "POSTER is not used to render",
+        "local_files_only": "says where weights are looked up, not which: their content is fingerprinted",
+    },
+    "prompts": {"caption": "captions training images; rows use the template"},
+    "generate": {
+        "limit": "selects rows: a row is keyed by its own prompt, seed and batch",
+        "expressions": "selects rows: a row is keyed by its own prompt, seed and batch",
+        "num_processes": "deals the same batches to processes (tests/test_generate.py: two equal one)",
+    },
+}
+
+
+def row_items(rows: pd.DataFrame, out_dir: Path) -> list[resume.Item]:
+    """Each row as a resumable item: its own inputs, and its record beside its image."""
+    return [
+        resume.Item(
+            id=r.row_id,
+            inputs={"prompt": r.prompt, "negative": r.negative_prompt, "seed": int(r.seed)},
+            record=out_dir / Path(r.file).with_suffix(".json"),
+            base=out_dir,
+        )
+        for r in rows.itertuples()
+    ]
+
+
+def plan(model_params: dict, prompt_params: dict, params: dict, lora_sha256: str | None):
+    """The rows to render and the settings key their items are made under (nothing is rendered)."""
+    rows = select_rows(
+        prompts.prompt_table(prompt_params, params["expressions"], params["seed"]), params["limit"]
+    )
+    rows["file"] = [str(Path("images") / image_name(r)) for r in rows.itertuples()]
+    blocks = {"models": model_params, "prompts": prompt_params, "generate": params}
+    return rows, resume.digest(resume.settings(blocks, IGNORED), lora_sha256)
+
+
 def generate(
     model_params: dict,
     prompt_params: dict,
@@ -115,88 +151,90 @@ def generate(
     lora_dir: Path | None = None,
     detector=None,
 ) -> pd.DataFrame:
-    """Render every selected row into `out_dir/images`, QC it, and write `manifest.csv` + `report.json`."""
+    """Render every selected row into `out_dir/images`, QC it, and write `manifest.csv` + `report.json`.
+
+    Resumable (geneava.resume): a row is reused only when its record's key matches its prompt, seed,
+    batch and every setting; a row that fails QC is tried again in the next round with its next seed."""
     state = PartialState(cpu=not torch.cuda.is_available())
     out_dir = Path(out_dir)
-    image_dir = out_dir / "images"
     lora_file = Path(lora_dir) / "pytorch_lora_weights.safetensors" if lora_dir else None
     if lora_file is not None and not lora_file.is_file():
         raise FileNotFoundError(f"{lora_file} not found: run the finetune stage first (dvc repro finetune)")
-    settings = _settings(model_params, params, sha256_file(lora_file) if lora_file else None)
-    run_file = out_dir / "run.json"
+    lora_sha = sha256_file(lora_file) if lora_file else None
+    settings = _settings(model_params, params, lora_sha)
+    rows, key = plan(model_params, prompt_params, params, lora_sha)
+    items = row_items(rows, out_dir)
     if state.is_main_process:
-        if image_dir.exists() and (not run_file.exists() or json.loads(run_file.read_text()) != settings):
-            log.warning("%s holds images made with other settings; clearing it", image_dir)
-            shutil.rmtree(image_dir)
-        write_json(run_file, settings)
+        resume.start(out_dir)
+        keep = [out_dir / f for f in rows["file"]] + [it.record for it in items]
+        resume.prune(out_dir / "images", keep)
+        write_json(out_dir / "run.json", settings)
     state.wait_for_everyone()
 
-    rows = select_rows(
-        prompts.prompt_table(prompt_params, params["expressions"], params["seed"]), params["limit"]
-    )
-    rows["file"] = [str(Path("images") / image_name(r)) for r in rows.itertuples()]
-    record = {f: out_dir / Path(f).with_suffix(".json") for f in rows["file"]}
-    todo = rows[[not record[f].exists() for f in rows["file"]]]
-    if len(todo) < len(rows) and state.is_main_process:
-        log.info("resuming: %d of %d rows already done", len(rows) - len(todo), len(rows))
-    bs = params["batch_size"]
-    batches = [todo.iloc[i : i + bs] for i in range(0, len(todo), bs)]
-    mine = batches[state.process_index :: state.num_processes]
+    by_id = rows.set_index("row_id", drop=False)
+    made: dict = {}  # the pipeline and detector, built on the first batch that needs them
 
-    if mine:
-        pipe = build_pipeline(
-            model_params, prompt_params, params, lora_file and lora_file.parent, state.device
-        )
-        if params["qc"] and detector is None:
-            detector = face_detector(params["detector"], params["detector_root"], params["detector_pack"])
-        bar = tqdm(
-            total=sum(len(b) for b in mine),
-            desc=f"generate {out_dir.name}",
-            unit="img",
-            position=state.process_index,
-        )
-        queue = deque((b, [0] * len(b)) for b in mine)
-        while queue:
-            batch, attempts = queue.popleft()
-            images = render(
-                pipe, batch, [retry_seed(s, a) for s, a in zip(batch["seed"], attempts, strict=True)], params
+    def process(batch: list[tuple[resume.Item, int]]) -> list[resume.Outcome]:
+        nonlocal detector
+        if not made:
+            made["pipe"] = build_pipeline(
+                model_params, prompt_params, params, lora_file and lora_file.parent, state.device
             )
-            retry = []
-            for row, attempt, img in zip(batch.itertuples(), attempts, images, strict=True):
-                verdict, n_faces = ("not checked", -1)
-                if params["qc"]:
-                    verdict, n_faces = qc.image_check(detector, np.asarray(img), params["qc_border"])
-                if verdict not in ("", "not checked") and attempt < params["max_retries"]:
-                    retry.append((row.Index, attempt + 1))
-                    continue
-                data = save_png(out_dir / row.file, img)  # the image first, then its record
-                atomic_write_text(
-                    record[row.file],
-                    json.dumps(
-                        {
-                            "row_id": row.row_id,
-                            "seed_used": retry_seed(row.seed, attempt),
-                            "attempt": attempt,
-                            "qc": verdict or "pass",
-                            "faces": n_faces,
-                            "sha256": sha256_bytes(data),
-                        },
-                        sort_keys=True,
-                    ),
-                )
-                bar.update(1)
-            for i in range(0, len(retry), bs):
-                chunk = retry[i : i + bs]
-                queue.append((batch.loc[[ix for ix, _ in chunk]], [a for _, a in chunk]))
-        bar.close()
-    state.wait_for_everyone()
+            if params["qc"] and detector is None:
+                detector = face_detector(params["detector"], params["detector_root"], params["detector_pack"])
+        frame = by_id.loc[[it.id for it, _ in batch]]
+        seeds = [retry_seed(s, k) for s, (_, k) in zip(frame["seed"], batch, strict=True)]
+        outcomes = []
+        for row, seed, (_, k), img in zip(
+            frame.itertuples(), seeds, batch, render(made["pipe"], frame, seeds, params), strict=True
+        ):
+            verdict, n_faces = ("", -1)
+            if params["qc"]:
+                verdict, n_faces = qc.image_check(detector, np.asarray(img), params["qc_border"])
+
+            def finish(final, row=row, seed=seed, k=k, img=img, verdict=verdict, n_faces=n_faces) -> dict:
+                if not final:
+                    return {"row_id": row.row_id}
+                data = save_png(out_dir / row.file, img)
+                qc_label = (verdict or "pass") if params["qc"] else "not checked"
+                return {
+                    "row_id": row.row_id,
+                    "seed_used": seed,
+                    "attempt": k,
+                    "qc": qc_label,
+                    "faces": n_faces,
+                    "sha256": sha256_bytes(data),
+                    "files": [row.file],
+                }
+
+            outcomes.append(resume.Outcome(verdict, finish))
+        return outcomes
+
+    with tqdm(
+        total=len(items) if state.num_processes == 1 else None,
+        desc=f"generate {out_dir.name}",
+        unit="img",
+        position=state.process_index,
+    ) as bar:
+        records = resume.run_rounds(
+            items,
+            key,
+            rounds=params["max_retries"] + 1 if params["qc"] else 1,
+            batch_size=params["batch_size"],
+            process=process,
+            rank=state.process_index,
+            world=state.num_processes,
+            barrier=state.wait_for_everyone,
+            progress=bar.update,
+        )
     if not state.is_main_process:
         return rows
 
-    records = pd.DataFrame([json.loads(record[f].read_text()) for f in rows["file"]])
-    manifest = rows.merge(records, on="row_id", validate="one_to_one")
-    for key, value in settings.items():
-        manifest[key] = value
+    columns = ["row_id", "seed_used", "attempt", "qc", "faces", "sha256"]
+    done = pd.DataFrame([{c: records[r][c] for c in columns} for r in rows["row_id"]], columns=columns)
+    manifest = rows.merge(done, on="row_id", validate="one_to_one")
+    for name, value in settings.items():
+        manifest[name] = value
     write_csv(out_dir / "manifest.csv", manifest)
     write_json(out_dir / "report.json", balance_report(manifest))
     return manifest

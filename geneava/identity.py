@@ -25,6 +25,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from geneava import config
 from geneava.faces import DlibDetector, dlib_model_dir
 from geneava.io import source_fingerprint
 from geneava.poster import BottleneckIR
@@ -160,8 +161,11 @@ class WorldIdentity:
 
 def identity_model(name: str = "auto", root: str = "~/.insightface", pack: str = "buffalo_l"):
     """The identity model the params ask for; `auto` falls back to dlib (and says why) without ArcFace.
-    A path to a `.safetensors` file is the default world's identity network."""
+    A path to a `.safetensors` file is the default world's identity network. Paths mean the project
+    root's (config.path), wherever the process runs."""
+    root = str(config.path(root))
     if name.endswith(".safetensors"):
+        name = config.source(name)
         if not Path(name).expanduser().is_file():
             raise FileNotFoundError(
                 f"identity model {name} not found: it is the world stage's output (committed in git; "

@@ -18,12 +18,58 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
+TMP_SUFFIX = ".tmp"  # every temporary file or folder the writers below leave while working: `.<name>.*.tmp`
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def normal_mode(path: Path) -> None:
+    """Give a file (0666) or folder (0777) the permissions the umask allows, as open() and mkdir() would:
+    mkstemp and mkdtemp make them private (0600, 0700), which would hide outputs from other users."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
+
+
+def temp_dir(parent: Path, name: str) -> Path:
+    """A fresh temporary folder `.<name>.*.tmp` in `parent` with normal permissions, to build an output
+    aside and move it into place (os.replace); `sweep_temp` removes one a killed run left behind."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=TMP_SUFFIX, dir=parent))
+    normal_mode(tmp)
+    return tmp
+
+
+def sweep_temp(folder: Path) -> int:
+    """Remove the temporary files and folders (`.*.tmp`) that a killed writer left under `folder`.
+    Call it when a stage starts, before any writer of its own runs; returns how many were removed."""
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    found = [p for p in folder.rglob(f".*{TMP_SUFFIX}") if p.name.startswith(".")]
+    for p in sorted(found, key=lambda p: len(p.parts), reverse=True):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if found:
+        log.info("%s: removed %d temporary file(s) a killed run left behind", folder, len(found))
+    return len(found)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers see all or nothing."""
+    """Write to a temporary file beside `path`, then rename: readers see all or nothing. The file gets
+    the permissions the umask allows (0644 under umask 022), like any file open() creates."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -80,7 +126,9 @@ def source_fingerprint(source: str | Path | None) -> str | None:
     remembered per process by path, size and modification time."""
     if source is None:
         return None
-    path = Path(str(source)).expanduser()
+    from geneava import config
+
+    path = Path(config.source(source))
     if not path.exists():
         return str(source)
     files = sorted(f for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
@@ -149,7 +197,13 @@ def cached_tensors(
                 return load_file(path)
     out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata={"fingerprint": fingerprint})
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata={"fingerprint": fingerprint})
+        normal_mode(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return out

@@ -47,14 +47,14 @@ def reference_set(params: dict, prepare_dir: Path, root: Path) -> tuple[pd.DataF
         return ev[["path", "sha256"]].assign(
             name=ev["file"]
         ), "Emo135 evaluation split (no reference set given)"
-    folder = (root / Path(params["reference"]).expanduser()).resolve()
+    folder = config.path(params["reference"], root)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"memorization reference folder {folder} not found: point memorization.<profile>.reference at a "
             "local CelebA img_align_celeba folder, or set it to null"
         )
     if params["reference_identities"]:
-        ids_file = (root / Path(params["reference_identities"]).expanduser()).resolve()
+        ids_file = config.path(params["reference_identities"], root)
         ids = pd.read_csv(ids_file, sep=r"\s+", header=None, names=["name", "identity"], dtype=str)
         ids = ids[[(folder / n).is_file() for n in ids["name"]]]
         if ids.empty:
@@ -90,7 +90,7 @@ def labelled_pairs(params: dict, root: Path, out_dir: Path) -> pd.DataFrame | No
             save_png(pb, b)
             rows.append({"path_a": str(pa), "path_b": str(pb), "same": same})
         return pd.DataFrame(rows)
-    csv = (root / Path(source).expanduser()).resolve()
+    csv = config.path(source, root)
     if not csv.is_file():
         raise FileNotFoundError(f"labelled pairs {csv} not found (memorization.<profile>.derive)")
     pairs = pd.read_csv(csv)

@@ -11,7 +11,6 @@ The code that uses a model never knows which one it got.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from diffusers import (
@@ -23,6 +22,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from geneava import config
 from geneava.tokenizer import train_clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,7 @@ def sdxl_pipeline(
             pipe = pipe.to(dtype=DTYPES[dtype])
         pipe.set_progress_bar_config(disable=True)  # our own loops show progress
         return pipe
-    if Path(source).expanduser().exists():
-        source = str(Path(source).expanduser())
+    source = config.source(source)  # a local folder relative to the project root, or a hub id
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(
             source, dtype=DTYPES[dtype], use_safetensors=True, local_files_only=local_files_only
@@ -190,7 +189,7 @@ def expression_encoder(source: str, seed: int = 0) -> torch.nn.Module:
     """
     from geneava import poster
 
-    model = poster.tiny_poster(seed) if source == "tiny" else poster.from_checkpoint(Path(source))
+    model = poster.tiny_poster(seed) if source == "tiny" else poster.from_checkpoint(config.path(source))
     return model.requires_grad_(False).eval()
 
 
@@ -247,6 +246,7 @@ def image_encoder(
         cfg = CLIPVisionConfig(**TINY_VIT, projection_dim=32) if kind == "clip" else Dinov2Config(**TINY_VIT)
         model = cls(cfg)
     else:
+        source = config.source(source)  # a local folder relative to the project root, or a hub id
         try:
             model = cls.from_pretrained(source, local_files_only=local_files_only, use_safetensors=True)
         except (OSError, ValueError) as e:
@@ -295,7 +295,7 @@ def lpips_model(source: str = "random", seed: int = 0) -> torch.nn.Module:
     model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
     if source == "random":
         return model
-    path = Path(source).expanduser()
+    path = config.path(source)
     if not path.is_file():
         raise FileNotFoundError(f"LPIPS trunk weights {path} not found: give random, torchvision or a file")
     state = load_tensors(path)

@@ -25,16 +25,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from geneava import config, generate, identity, memorization, models, qc, stylize
+from geneava import config, generate, identity, memorization, models, qc, resume, stylize
 from geneava.data import read_split
 from geneava.faces import face_detector
 from geneava.io import (
     atomic_write_bytes,
-    atomic_write_text,
     save_png,
     sha256_bytes,
     sha256_file,
-    source_fingerprint,
     write_csv,
     write_json,
 )
@@ -113,43 +111,40 @@ def expression_threshold(outputs: Path, sty_params: dict) -> float | None:
     return float(derived["threshold"])
 
 
-def _settings(p: dict, lora_sha: str, rule: str, derived: float | None) -> dict:
-    g, s, m = p["gen_params"], p["sty_params"], p["mem_params"]
-    return {
-        "model": p["model_params"]["sdxl"],
-        "model_weights": source_fingerprint(p["model_params"]["sdxl"]),
-        "model_seed": p["model_params"]["seed"],
-        "expression_model": p["model_params"]["expression"],
-        "expression_weights": source_fingerprint(p["model_params"]["expression"]),
-        "lora_sha256": lora_sha,
-        "generate": {k: g[k] for k in ("steps", "guidance_scale", "resolution", "qc_border", "detector")},
-        "stylize": {
-            k: s[k]
-            for k in (
-                "stylizer",
-                "colors",
-                "quantize",
-                "levels",
-                "dctnet",
-                "lora",
-                "prompt",
-                "strength",
-                "steps",
-                "identity",
-                "identity_threshold",
-                "expression_level",
-            )
-        },
-        "memorization": {
-            "identity": m["identity"],
-            "threshold": m["threshold"],
-            "rule": rule,
-            "derived": derived,
-        },
-        "stylizer_revision": stylize.REVISION.get(s["stylizer"], 1),
-        "record_version": RECORD_VERSION,
-        "max_attempts": p["params"]["max_attempts"],
+# Parameters that cannot change a refilled row, with why; every other value of the blocks read enters
+# each row's key (geneava.resume), with its prompt, seed, first attempt and batch.
+IGNORED = {
+    "models": {
+        "local_files_only": "says where weights are looked up, not which: their content is fingerprinted"
+    },
+    "prompts": {"caption": "captions training images"},
+    "generate": {
+        "limit": "selects rows: a row is keyed by its own prompt, seed and batch",
+        "expressions": "selects rows: a row is keyed by its own prompt, seed and batch",
+        "num_processes": "refill runs in one process",
+        "max_retries": "enters each row's first attempt, one of its inputs",
+    },
+}
+
+
+def settings_key(p: dict, lora_sha: str, rule: str, derived: float | None, expr_t, sets: dict) -> str:
+    """The key every refilled row of these settings is made under: every parameter the checks read, the
+    LoRA, the audit's rule and thresholds, and the images the memorization check compares with."""
+    blocks = {
+        "models": p["model_params"],
+        "prompts": p["prompt_params"],
+        "generate": p["gen_params"],
+        "stylize": p["sty_params"],
+        "memorization": p["mem_params"],
+        "refill": p["params"],
     }
+    return resume.digest(
+        resume.settings(blocks, IGNORED),
+        lora_sha,
+        {"rule": rule, "derived": derived, "expression_threshold": expr_t},
+        {name: list(rows["sha256"]) for name, rows in sets.items()},
+        stylize.REVISION.get(p["sty_params"]["stylizer"], 1),
+    )
 
 
 def refill(
@@ -168,6 +163,7 @@ def refill(
     outputs, out_dir = Path(outputs), Path(out_dir)
     p = {
         "model_params": model_params,
+        "prompt_params": prompt_params,
         "gen_params": gen_params,
         "sty_params": sty_params,
         "mem_params": mem_params,
@@ -179,38 +175,60 @@ def refill(
     id_model = identity.identity_model(
         mem_params["identity"], mem_params["identity_root"], mem_params["identity_pack"]
     )
-    sty_id = identity.identity_model(
-        sty_params["identity"], sty_params["identity_root"], sty_params["identity_pack"]
-    )
     rule, derived = memorization_rule(outputs, mem_params, id_model.own_rule)
     expr_t = expression_threshold(outputs, sty_params)
-    settings = _settings(p, sha256_file(lora_file), rule, derived) | {"expression_threshold": expr_t}
+    # the audit's sets (the fine-tuning split and the reference set), which a candidate must not copy
+    prepare_dir = outputs / "prepare"
+    ft = read_split(prepare_dir, "finetune")
+    ref, _ = memorization.reference_set(mem_params, prepare_dir, root)
+    sets = {"finetune": ft.assign(name=ft["file"]), "reference": ref}
+    key = settings_key(p, sha256_file(lora_file), rule, derived, expr_t, sets)
+
+    rows = to_refill(outputs)
     records = out_dir / "records"
-    run_file = out_dir / "run.json"
-    if out_dir.exists() and (not run_file.exists() or json.loads(run_file.read_text()) != settings):
-        log.warning("%s holds replacements made with other settings; clearing it", out_dir)
-        for sub in ("records", "images", "avatars"):
-            shutil.rmtree(out_dir / sub, ignore_errors=True)
+    items = [
+        resume.Item(
+            id=r.row_id,
+            inputs={
+                "prompt": r.prompt,
+                "negative": r.negative_prompt,
+                "seed": int(r.seed),
+                "first": int(r.attempt) + 1,
+            },
+            record=records / Path(r.file).with_suffix(".json"),
+            base=out_dir,
+        )
+        for r in rows.itertuples()
+    ]
+    resume.start(out_dir)
+    shutil.rmtree(out_dir / "candidates", ignore_errors=True)  # checks' scratch space of a killed run
+    keep = [it.record for it in items]
+    keep += [out_dir / sub / r.file for r in rows.itertuples() for sub in ("images", "avatars")]
+    for sub in ("records", "images", "avatars"):
+        resume.prune(out_dir / sub, keep)
     # DVC outputs, present even when nothing needs a refill
     for sub in ("records", "images", "avatars", "embeddings"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    write_json(run_file, settings)
+    write_json(out_dir / "run.json", {"key": key, "memorization_rule": rule, "derived": derived})
 
-    rows = to_refill(outputs)
-    record = {f: records / Path(f).with_suffix(".json") for f in rows["file"]}
-    todo = rows[[not record[f].exists() for f in rows["file"]]]
-    if len(todo) < len(rows):
-        log.info("resuming: %d of %d rows already refilled or given up", len(rows) - len(todo), len(rows))
-    if len(todo):
-        ctx = dict(p, prompt_params=prompt_params, lora_file=lora_file, id_model=id_model, sty_id=sty_id)
-        ctx |= dict(rule=rule, derived=derived, expr_t=expr_t, outputs=outputs, out_dir=out_dir, root=root)
-        _refill_rows(ctx, todo, record, detector)
+    checks = Checks(p, lora_file, id_model, rule, derived, expr_t, sets, out_dir, rows, detector)
+    with tqdm(total=len(items), desc="refill", unit="row") as bar:
+        done = resume.run_rounds(
+            items,
+            key,
+            rounds=params["max_attempts"],
+            batch_size=gen_params["batch_size"],
+            process=checks,
+            progress=bar.update,
+        )
+    shutil.rmtree(out_dir / "candidates", ignore_errors=True)
 
-    done = pd.DataFrame([json.loads(record[f].read_text()) for f in rows["file"]]) if len(rows) else None
-    keep = [*_read_columns(outputs / "generate" / "prompts.csv"), "file", "reason"]
-    manifest = rows[keep] if done is None else rows[keep].merge(done, on="row_id", validate="one_to_one")
-    if done is None:  # nothing to refill: the same columns, no rows (the notebook and release read them)
-        manifest = manifest.assign(**{c: pd.Series(dtype=t) for c, t in RECORD_COLUMNS.items()})
+    keep_cols = [*_read_columns(outputs / "generate" / "prompts.csv"), "file", "reason"]
+    if len(rows):
+        found = pd.DataFrame([_record_row(done[r]) for r in rows["row_id"]])
+        manifest = rows[keep_cols].merge(found, on="row_id", validate="one_to_one")
+    else:  # nothing to refill: the same columns, no rows (the notebook and release read them)
+        manifest = rows[keep_cols].assign(**{c: pd.Series(dtype=t) for c, t in RECORD_COLUMNS.items()})
     write_csv(out_dir / "manifest.csv", manifest)
     report = {
         "rows_excluded": len(rows),
@@ -225,131 +243,7 @@ def refill(
     return manifest
 
 
-def _refill_rows(ctx: dict, todo: pd.DataFrame, record: dict[str, Path], detector) -> None:
-    """Render, check and write the rows in `todo` (ctx: the stage's parameter blocks, models and rule)."""
-    p, prompt_params, lora_file = ctx, ctx["prompt_params"], ctx["lora_file"]
-    id_model, sty_id, rule, derived, expr_t = (
-        ctx[k] for k in ("id_model", "sty_id", "rule", "derived", "expr_t")
-    )
-    outputs, out_dir, root = ctx["outputs"], ctx["out_dir"], ctx["root"]
-    g, s, m = p["gen_params"], p["sty_params"], p["mem_params"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = generate.build_pipeline(p["model_params"], prompt_params, g, lora_file.parent, device)
-    detector = detector or face_detector(g["detector"], g["detector_root"], g["detector_pack"])
-    styler = stylize.stylizer(s, p["model_params"], prompt_params, device)
-    encoder = models.expression_encoder(p["model_params"]["expression"], p["model_params"]["seed"])
-    # the audit's sets, embedded into this stage's own cache (a few seconds; no writes into other stages)
-    prepare_dir = outputs / "prepare"
-    ft = read_split(prepare_dir, "finetune")
-    ref, _ = memorization.reference_set(m, prepare_dir, root)
-    sets = {"finetune": ft.assign(name=ft["file"]), "reference": ref}
-    emb = {
-        k: memorization.embeddings(id_model, k, rows, out_dir / "embeddings")["embedding"]
-        for k, rows in sets.items()
-    }
-
-    first = {r.row_id: int(r.attempt) + 1 for r in todo.itertuples()}
-    last = {r: a + p["params"]["max_attempts"] - 1 for r, a in first.items()}
-    pending = [(r, first[r.row_id]) for r in todo.itertuples()]
-    tries = {r.row_id: [] for r in todo.itertuples()}
-    bs = g["batch_size"]
-    tmp = out_dir / "candidates"
-    bar = tqdm(total=len(todo), desc="refill", unit="row")
-    while pending:
-        batch, pending = pending[:bs], pending[bs:]
-        frame = pd.DataFrame([r._asdict() for r, _ in batch])
-        seeds = [generate.retry_seed(r.seed, a) for r, a in batch]
-        images = generate.render(pipe, frame, seeds, g)
-        verdict = {}
-        passing = []
-        for (r, a), img in zip(batch, images, strict=True):
-            why, _ = qc.image_check(detector, np.asarray(img), g["qc_border"])
-            if why:
-                verdict[r.row_id] = f"QC: {why}"
-            else:
-                passing.append((r, a, img))
-        if passing:
-            meta = pd.DataFrame(
-                {
-                    "expression": [r.expression for r, _, _ in passing],
-                    "seed_used": [generate.retry_seed(r.seed, a) for r, a, _ in passing],
-                }
-            )
-            avatars = styler.stylize([img for _, _, img in passing], meta)
-            faces, cartoons, encoded = [], [], []
-            for (r, _, img), av in zip(passing, avatars, strict=True):
-                if av.size != img.size:
-                    raise RuntimeError(f"stylizer {styler.name} changed the size of {r.file}")
-                faces.append(tmp / "images" / r.file)
-                cartoons.append(tmp / "avatars" / r.file)
-                encoded.append((save_png(faces[-1], img), save_png(cartoons[-1], av)))
-            kept = stylize.preservation(
-                faces,
-                cartoons,
-                sty_id,
-                encoder,
-                s["identity_threshold"],
-                expression_level=s["expression_level"],
-                expression_threshold=expr_t,
-            )
-            found = identity.embed_files(id_model, [str(f) for f in faces], "refill")["embedding"]
-            same = torch.zeros(len(passing), dtype=torch.bool)
-            nn_sim = {}
-            for name, ref_emb in emb.items():
-                sim, _, _, calls = memorization.same_calls(
-                    found, ref_emb, m["threshold"], id_model.own_rule, derived, m
-                )
-                if rule not in calls:
-                    raise ValueError(f"memorization rule '{rule}' does not apply to {id_model.name}")
-                same |= calls[rule]
-                nn_sim[name] = sim.numpy()
-            for i, (r, a, _) in enumerate(passing):
-                k = kept.iloc[i]
-                if not k["identity_kept"] or not k["expression_agrees"]:
-                    verdict[r.row_id] = "stylization"
-                elif bool(same[i]):
-                    verdict[r.row_id] = "memorization"
-                else:
-                    verdict[r.row_id] = ""
-                    # the face and avatar first, then the record that makes the row done
-                    face, avatar = encoded[i]  # the checked bytes, not a second encoding
-                    atomic_write_bytes(out_dir / "images" / r.file, face)
-                    atomic_write_bytes(out_dir / "avatars" / r.file, avatar)
-                    _finish(
-                        record[r.file],
-                        r,
-                        a,
-                        tries[r.row_id] + [""],
-                        {
-                            "accepted": True,
-                            "stylizer": styler.name,
-                            "refill_file": str(Path("images") / r.file),
-                            "refill_avatar": str(Path("avatars") / r.file),
-                            "sha256": sha256_bytes(face),
-                            "avatar_sha256": sha256_bytes(avatar),
-                            "identity_similarity": float(k["identity_similarity"]),
-                            "identity_kept": bool(k["identity_kept"]),
-                            "expression_distance": float(k["expression_distance"]),
-                            "expression_agrees": bool(k["expression_agrees"]),
-                            **{f"{n}_similarity": float(v[i]) for n, v in nn_sim.items()},
-                        },
-                    )
-                    bar.update(1)
-        for r, a in batch:
-            why = verdict[r.row_id]
-            if why == "":
-                continue
-            tries[r.row_id].append(why)
-            if a < last[r.row_id]:
-                pending.append((r, a + 1))
-            else:
-                _finish(record[r.file], r, a, tries[r.row_id], {"accepted": False})
-                bar.update(1)
-    bar.close()
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-# every row's record (`_finish`); an accepted row's adds its files and scores
+# every row's record; an accepted row's adds its files and scores
 RECORD_COLUMNS = {
     "attempt": int,
     "seed_used": int,
@@ -359,21 +253,135 @@ RECORD_COLUMNS = {
 }
 
 
-def _finish(path: Path, row, attempt: int, tries: list[str], fields: dict) -> None:
-    atomic_write_text(
-        path,
-        json.dumps(
-            {
-                "row_id": row.row_id,
-                "attempt": attempt,
-                "seed_used": generate.retry_seed(row.seed, attempt),
-                "candidates": len(tries),
-                "failures": "; ".join(t for t in tries if t),
-                **fields,
-            },
-            sort_keys=True,
-        ),
-    )
+def _record_row(rec: dict) -> dict:
+    """A finished row's record as a manifest row: how many candidates it took and why each failed."""
+    tries = rec["tries"]
+    row = {k: v for k, v in rec.items() if k not in ("tries", "key", "done", "files")}
+    return row | {"candidates": len(tries), "failures": "; ".join(t["why"] for t in tries if t["why"])}
+
+
+class Checks:
+    """Renders a batch of candidates and puts each through QC, the stylization checks and the
+    memorization rule (models built on the first batch that needs them); `resume.run_rounds` calls it."""
+
+    def __init__(self, p, lora_file, id_model, rule, derived, expr_t, sets, out_dir, rows, detector=None):
+        self.p, self.lora_file, self.id_model = p, lora_file, id_model
+        self.rule, self.derived, self.expr_t, self.sets = rule, derived, expr_t, sets
+        self.out_dir, self.detector = out_dir, detector
+        self.rows = rows.set_index("row_id", drop=False)
+        self.first = {r.row_id: int(r.attempt) + 1 for r in rows.itertuples()}
+        self.ready = False
+
+    def _build(self) -> None:
+        p, g, s = self.p, self.p["gen_params"], self.p["sty_params"]
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.pipe = generate.build_pipeline(
+            p["model_params"], p["prompt_params"], g, self.lora_file.parent, device
+        )
+        self.detector = self.detector or face_detector(g["detector"], g["detector_root"], g["detector_pack"])
+        self.styler = stylize.stylizer(s, p["model_params"], p["prompt_params"], device)
+        self.sty_id = identity.identity_model(s["identity"], s["identity_root"], s["identity_pack"])
+        self.encoder = models.expression_encoder(p["model_params"]["expression"], p["model_params"]["seed"])
+        # embedded into this stage's own cache (a few seconds; no writes into other stages)
+        self.emb = {
+            k: memorization.embeddings(self.id_model, k, rows, self.out_dir / "embeddings")["embedding"]
+            for k, rows in self.sets.items()
+        }
+        self.ready = True
+
+    def __call__(self, batch: list[tuple[resume.Item, int]]) -> list[resume.Outcome]:
+        if not self.ready:
+            self._build()
+        frame = self.rows.loc[[it.id for it, _ in batch]]
+        attempts = [self.first[it.id] + k for it, k in batch]
+        seeds = [generate.retry_seed(s, a) for s, a in zip(frame["seed"], attempts, strict=True)]
+        images = generate.render(self.pipe, frame, seeds, self.p["gen_params"])
+        why = {}
+        passing = []
+        for r, img, seed in zip(frame.itertuples(), images, seeds, strict=True):
+            failed, _ = qc.image_check(self.detector, np.asarray(img), self.p["gen_params"]["qc_border"])
+            if failed:
+                why[r.row_id] = f"QC: {failed}"
+            else:
+                passing.append((r, img, seed))
+        scores = self._check(passing, why) if passing else {}
+        outcomes = []
+        for r, a, seed, img in zip(frame.itertuples(), attempts, seeds, images, strict=True):
+
+            def finish(final, r=r, a=a, seed=seed, img=img):
+                fields = {"row_id": r.row_id, "attempt": a, "seed_used": seed}
+                if why[r.row_id]:
+                    return fields | {"accepted": False}
+                face, avatar = scores[r.row_id].pop("bytes")  # the checked bytes, not a second encoding
+                atomic_write_bytes(self.out_dir / "images" / r.file, face)
+                atomic_write_bytes(self.out_dir / "avatars" / r.file, avatar)
+                return fields | {
+                    "accepted": True,
+                    "stylizer": self.styler.name,
+                    "refill_file": str(Path("images") / r.file),
+                    "refill_avatar": str(Path("avatars") / r.file),
+                    "sha256": sha256_bytes(face),
+                    "avatar_sha256": sha256_bytes(avatar),
+                    "files": [str(Path("images") / r.file), str(Path("avatars") / r.file)],
+                    **scores[r.row_id],
+                }
+
+            outcomes.append(resume.Outcome(why[r.row_id], finish))
+        return outcomes
+
+    def _check(self, passing: list, why: dict) -> dict:
+        """Stylize the QC-passing candidates and check them; fills `why` and returns each one's scores."""
+        s, m = self.p["sty_params"], self.p["mem_params"]
+        meta = pd.DataFrame(
+            {"expression": [r.expression for r, _, _ in passing], "seed_used": [sd for _, _, sd in passing]}
+        )
+        avatars = self.styler.stylize([img for _, img, _ in passing], meta)
+        tmp = self.out_dir / "candidates"
+        faces, cartoons, encoded = [], [], []
+        for (r, img, _), av in zip(passing, avatars, strict=True):
+            if av.size != img.size:
+                raise RuntimeError(f"stylizer {self.styler.name} changed the size of {r.file}")
+            faces.append(tmp / "images" / r.file)
+            cartoons.append(tmp / "avatars" / r.file)
+            encoded.append((save_png(faces[-1], img), save_png(cartoons[-1], av)))
+        kept = stylize.preservation(
+            faces,
+            cartoons,
+            self.sty_id,
+            self.encoder,
+            s["identity_threshold"],
+            expression_level=s["expression_level"],
+            expression_threshold=self.expr_t,
+        )
+        found = identity.embed_files(self.id_model, [str(f) for f in faces], "refill")["embedding"]
+        same = torch.zeros(len(passing), dtype=torch.bool)
+        nn_sim = {}
+        for name, ref_emb in self.emb.items():
+            sim, _, _, calls = memorization.same_calls(
+                found, ref_emb, m["threshold"], self.id_model.own_rule, self.derived, m
+            )
+            if self.rule not in calls:
+                raise ValueError(f"memorization rule '{self.rule}' does not apply to {self.id_model.name}")
+            same |= calls[self.rule]
+            nn_sim[name] = sim.numpy()
+        scores = {}
+        for i, (r, _, _) in enumerate(passing):
+            k = kept.iloc[i]
+            if not k["identity_kept"] or not k["expression_agrees"]:
+                why[r.row_id] = "stylization"
+            elif bool(same[i]):
+                why[r.row_id] = "memorization"
+            else:
+                why[r.row_id] = ""
+            scores[r.row_id] = {
+                "bytes": encoded[i],
+                "identity_similarity": float(k["identity_similarity"]),
+                "identity_kept": bool(k["identity_kept"]),
+                "expression_distance": float(k["expression_distance"]),
+                "expression_agrees": bool(k["expression_agrees"]),
+                **{f"{n}_similarity": float(v[i]) for n, v in nn_sim.items()},
+            }
+        return scores
 
 
 def run(profile: str | None, outputs: Path, out_dir: Path, params_file: Path | None = None) -> pd.DataFrame:

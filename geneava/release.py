@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image
 
 from geneava import config, qc
-from geneava.io import write_csv, write_json
+from geneava.io import temp_dir, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def build(params: dict, outputs: Path, out_dir: Path) -> dict:
     released, excluded, table = assemble(params, outputs)
     cells = balance(released, table)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".release-", dir=out_dir))
+    tmp = temp_dir(out_dir, NAME)
     try:
         split = tmp / "train"
         for r in released.itertuples():

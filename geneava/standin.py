@@ -19,13 +19,13 @@ import io
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from geneava import emo135
+from geneava.io import temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ def write_standin(root: Path, per_class: int = DEFAULT_PER_CLASS, size: int = DE
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".standin-", dir=root))
+    tmp = temp_dir(root, "standin")
     try:
         rows = []
         for expression in emo135.classes():

@@ -17,9 +17,7 @@ removal; the release honours the list.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +26,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from geneava import config, emo135, identity, models, qc
+from geneava import config, emo135, identity, models, qc, resume
 from geneava.data import load_rgb
-from geneava.io import atomic_write_text, save_png, sha256_bytes, source_fingerprint, write_csv, write_json
+from geneava.io import save_png, sha256_bytes, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +134,7 @@ class DCTNet:
             yy, xx = np.mgrid[: self.HEAD, : self.HEAD] / (self.HEAD - 1) * 2 - 1
             self.alpha = np.clip(1.5 - 1.5 * np.sqrt(xx**2 / 0.7 + yy**2 / 0.9), 0, 1).astype(np.float32)
         else:
-            folder = Path(source).expanduser()
+            folder = config.path(source)
             for f in ("bg.safetensors", "head.safetensors", "alpha.png"):
                 if not (folder / f).is_file():
                     raise FileNotFoundError(
@@ -213,7 +211,7 @@ class SDXLImg2Img:
         base = models.sdxl_from_params(model_params, prompt_params)
         self.pipe = StableDiffusionXLImg2ImgPipeline(**base.components).to(device)
         if params["lora"]:
-            self.pipe.load_lora_weights(str(Path(params["lora"]).expanduser()))
+            self.pipe.load_lora_weights(str(config.path(params["lora"])))
         self.pipe.set_progress_bar_config(disable=True)
         self.params, self.device = params, device
 
@@ -260,72 +258,95 @@ def stage_params(profile: str | None, params_file: Path | None = None) -> dict:
     return {"model_params": b["models"], "prompt_params": b["prompts"], "params": b["stylize"]}
 
 
+# Parameters that cannot change an avatar, with why; every other value of the blocks read enters each
+# avatar's key (geneava.resume), with its face's sha256 and its batch.
+IGNORED = {
+    "models": {
+        "expression": "POSTER only checks avatars (preservation), it does not make them",
+        "local_files_only": "says where weights are looked up, not which: their content is fingerprinted",
+    },
+    "prompts": {"caption": "captions training images"},
+    "stylize": {
+        "include": "selects faces: an avatar is keyed by its own face",
+        **{
+            k: "a preservation check, computed anew each run from the avatars"
+            for k in (
+                "identity",
+                "identity_root",
+                "identity_pack",
+                "identity_threshold",
+                "expression_level",
+                "expression_pairs",
+            )
+        },
+    },
+}
+
+
+def settings_key(model_params: dict, prompt_params: dict, params: dict) -> str:
+    """The key every avatar of these settings is made under (the stylizer's code revision included)."""
+    blocks = {"models": model_params, "prompts": prompt_params, "stylize": params}
+    return resume.digest(resume.settings(blocks, IGNORED), REVISION.get(params["stylizer"], 1))
+
+
 def stylize(
     model_params: dict, prompt_params: dict, params: dict, generate_dir: Path, out_dir: Path, styler=None
 ) -> pd.DataFrame:
-    """An avatar for every selected face in `out_dir/avatars` (same relative path), resumable: each avatar
-    is written atomically, then its record; a rerun skips rows with a record. Settings that differ from
-    the previous run's clear the folder first. Writes `pairs.csv`, one row per realistic/avatar pair."""
+    """An avatar for every selected face in `out_dir/avatars` (same relative path), resumable through
+    geneava.resume: an avatar is reused only when its record's key matches its face's sha256, its batch
+    and every setting. Writes `pairs.csv`, one row per realistic/avatar pair."""
     out_dir = Path(out_dir)
     rows = qc.generated(generate_dir, "finetuned", params["include"])
-    settings = {
-        k: params[k]
-        for k in ("stylizer", "dctnet", "lora", "prompt", "strength", "steps", "colors", "quantize", "levels")
-    }
-    settings["revision"] = REVISION.get(
-        params["stylizer"], 1
-    )  # a stylizer whose output changed redoes avatars
-    settings |= {
-        "guidance_scale": params["guidance_scale"],
-        "model": model_params["sdxl"],
-        "model_weights": source_fingerprint(model_params["sdxl"])
-        if params["stylizer"] == "sdxl_img2img"
-        else None,
-        "dctnet_weights": source_fingerprint(params["dctnet"]) if params["stylizer"] == "dctnet" else None,
-        "seed": model_params["seed"],
-    }
     avatars = out_dir / "avatars"
-    run_file = avatars / "run.json"
-    if avatars.exists() and (not run_file.exists() or json.loads(run_file.read_text()) != settings):
-        log.warning("%s holds avatars made with other settings; clearing it", avatars)
-        shutil.rmtree(avatars)
-    write_json(run_file, settings)
-    record = {f: avatars / Path(f).with_suffix(".json") for f in rows["file"]}
-
-    def done(row) -> bool:  # an avatar of this very face: a regenerated face gets a new one
-        return (
-            record[row.file].exists() and json.loads(record[row.file].read_text()).get("source") == row.sha256
+    items = [
+        resume.Item(
+            id=r.row_id,
+            inputs={"face_sha256": r.sha256},
+            record=avatars / Path(r.file).with_suffix(".json"),
+            base=avatars,
         )
+        for r in rows.itertuples()
+    ]
+    resume.start(out_dir)
+    resume.prune(avatars, [avatars / f for f in rows["file"]] + [it.record for it in items])
+    by_id = rows.set_index("row_id", drop=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    todo = rows[[not done(r) for r in rows.itertuples()]]
-    if len(todo) < len(rows):
-        log.info("resuming: %d of %d avatars already done", len(rows) - len(todo), len(rows))
-    if len(todo):
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def process(batch):
+        nonlocal styler
         styler = styler or stylizer(params, model_params, prompt_params, device)
-        bs = params["batch_size"]
-        with tqdm(total=len(todo), desc=f"stylize ({styler.name})", unit="img") as bar:
-            for i in range(0, len(todo), bs):
-                batch = todo.iloc[i : i + bs]
-                images = [load_rgb(Path(generate_dir) / "finetuned" / f) for f in batch["file"]]
-                for row, src, avatar in zip(
-                    batch.itertuples(), images, styler.stylize(images, batch), strict=True
-                ):
-                    if avatar.size != src.size:
-                        raise RuntimeError(f"stylizer {styler.name} changed the size of {row.file}")
-                    data = save_png(avatars / row.file, avatar)
-                    atomic_write_text(
-                        record[row.file], json.dumps({"sha256": sha256_bytes(data), "source": row.sha256})
-                    )
-                    bar.update(1)
+        frame = by_id.loc[[it.id for it, _ in batch]]
+        images = [load_rgb(Path(generate_dir) / "finetuned" / f) for f in frame["file"]]
+        outcomes = []
+        for row, src, avatar in zip(frame.itertuples(), images, styler.stylize(images, frame), strict=True):
+            if avatar.size != src.size:
+                raise RuntimeError(f"stylizer {styler.name} changed the size of {row.file}")
+
+            def finish(final, row=row, avatar=avatar):
+                data = save_png(avatars / row.file, avatar)
+                return {"sha256": sha256_bytes(data), "source": row.sha256, "files": [row.file]}
+
+            outcomes.append(resume.Outcome("", finish))
+        return outcomes
+
+    with tqdm(total=len(items), desc=f"stylize ({params['stylizer']})", unit="img") as bar:
+        records = resume.run_rounds(
+            items,
+            settings_key(model_params, prompt_params, params),
+            rounds=1,
+            batch_size=params["batch_size"],
+            process=process,
+            progress=bar.update,
+            independent=params["stylizer"] != "sdxl_img2img",  # the others filter one image at a time
+        )
     pairs = pd.DataFrame(
         {
             "row_id": rows["row_id"],
             "expression": rows["expression"],
             "realistic": [str(Path("finetuned") / f) for f in rows["file"]],  # under the generate folder
             "avatar": [str(Path("avatars") / f) for f in rows["file"]],
-            "avatar_sha256": [json.loads(record[f].read_text())["sha256"] for f in rows["file"]],
-            "stylizer": settings["stylizer"],
+            "avatar_sha256": [records[r]["sha256"] for r in rows["row_id"]],
+            "stylizer": params["stylizer"],
         }
     )
     write_csv(out_dir / "pairs.csv", pairs)

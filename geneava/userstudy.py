@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from geneava import config
 from geneava.io import atomic_write_text, write_csv, write_json
 
 QUESTIONS = {
@@ -319,8 +320,6 @@ def study_pairs(study: str, params: dict, outputs: Path) -> pd.DataFrame:
 
 def run(profile: str | None, outputs: Path, out_dir: Path, params_file: Path | None = None) -> dict:
     """Both kits into `out_dir/<study>/`, and the analysis of any results file the params name."""
-    from geneava import config
-
     params = config.stage_params("userstudy", profile, params_file)
     out = {}
     for study in ("stylization", "memorization"):
@@ -332,7 +331,7 @@ def run(profile: str | None, outputs: Path, out_dir: Path, params_file: Path | N
         out[study] = {"kit": write_kit(study, items, folder, params["image_base_url"])}
         results = params[f"{study}_results"]
         if results:
-            res = analyse(study, pd.read_csv(Path(results).expanduser()), items)
+            res = analyse(study, pd.read_csv(config.path(results)), items)
             write_json(folder / "analysis.json", res)
             out[study]["analysis"] = res
     return out

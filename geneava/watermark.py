@@ -8,8 +8,6 @@ parameter names of Meta's reference code that checkpoint uses, so its weights lo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -97,7 +95,9 @@ def watermark_filter(source: str, threshold: float = 0.5) -> WatermarkClassifier
     """`none`, or the ConvNeXt-T classifier with weights from a local file (never downloaded)."""
     if source == "none":
         return None
-    path = Path(source).expanduser()
+    from geneava import config
+
+    path = config.path(source)
     if not path.is_file():
         raise FileNotFoundError(
             f"watermark model {path} not found. Download convnext-tiny_watermarks_detector.pth from the "

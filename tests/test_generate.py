@@ -153,15 +153,31 @@ def test_other_settings_clear_stale_images(default, trained, tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["steps"] == 3
 
 
-def test_a_base_model_retrained_in_place_clears_its_images(default, trained, tmp_path, monkeypatch):
-    first = _gen(default, tmp_path, trained / "lora", limit=2, steps=2)
-    real = generate.source_fingerprint
-    # the same models.<profile>.sdxl path, other weights behind it (the world stage retrained it)
-    monkeypatch.setattr(generate, "source_fingerprint", lambda s: real(s) + "-retrained")
-    mtimes = [(tmp_path / f).stat().st_mtime_ns for f in first["file"]]
-    again = _gen(default, tmp_path, trained / "lora", limit=2, steps=2)
-    assert [(tmp_path / f).stat().st_mtime_ns for f in again["file"]] != mtimes  # rendered anew
-    assert again["model_weights"].str.endswith("-retrained").all()
+def test_a_base_model_retrained_in_place_renders_its_rows_anew(default, trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "sdxl"
+    shutil.copytree(ROOT / default["models"]["sdxl"], base)
+    models = {**default["models"], "sdxl": str(base)}
+    out = tmp_path / "out"
+
+    def gen():
+        return generate.generate(models, default["prompts"], _p(default, limit=2, steps=2), out, trained / "lora")
+
+    first = gen()
+    # the same models.<profile>.sdxl path, other weights behind it (as when the world stage retrains it)
+    weights = next((base / "unet").glob("*.safetensors"))
+    state = load_file(weights)
+    name = next(k for k in sorted(state) if k.endswith("conv_out.bias"))
+    state[name] = state[name] + 0.5
+    save_file(state, weights)
+    again = gen()
+    assert again["model_weights"].iloc[0] != first["model_weights"].iloc[0]
+    assert all(a != b for a, b in zip(again["sha256"], first["sha256"], strict=True))  # rendered anew
+    for row in again.itertuples():
+        assert sha256_file(out / row.file) == row.sha256
 
 
 def test_baseline_and_finetuned_share_prompts_and_seeds(default, trained, tmp_path):
