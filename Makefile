@@ -31,7 +31,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 lab: setup
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 lint: setup
 	$(BIN)/ruff check geneava tests benchmarks

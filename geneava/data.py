@@ -1,8 +1,13 @@
 """Emo135 preparation (paper, "Fine-tuning data"): read safely, deduplicate, detect and crop faces,
 drop watermarked images, and sample seeded, balanced, disjoint fine-tuning and evaluation sets.
 
-Nothing in the source folder is ever modified. Every file gets a manifest row: where it went, or why
-it was dropped. Files are examined per class in a seeded order only until both splits are full, so a
+Nothing in the source folder is ever modified. Every entry of a class folder gets a manifest row: where
+it went, or why it was dropped (a file is read as an image whatever its name ends with; a folder or a
+broken or looping link gets a row with that status). Ignored, and counted in report.json's `ignored`:
+hidden entries (names starting with "."; e.g. .DS_Store, .ipynb_checkpoints), files directly in the
+source folder (not in a class), and what lies inside folders nested in a class folder (not read).
+Crops are named after the whole source file name (`x.jpg` -> `x.jpg.png`), so two files of a class never
+share an output. Files are examined per class in a seeded order only until both splits are full, so a
 large real Emo135 costs detector time only for the images the splits need.
 """
 
@@ -20,14 +25,13 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from geneava import config, emo135
+from geneava import config, emo135, resume
 from geneava.faces import face_detector, square_crop
-from geneava.io import save_png, sha256_bytes, write_csv, write_json
+from geneava.io import save_png, sha256_bytes, sha256_file, write_csv, write_json
 from geneava.watermark import watermark_filter
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 SPLITS = ("finetune", "eval")
 # Why a file is not used; the manifest's `status` holds one of these (or a split name).
 REASONS = (
@@ -36,6 +40,8 @@ REASONS = (
     "corrupt or truncated",
     "too large",
     "unreadable",
+    "broken link",
+    "folder",
     "duplicate",
     "duplicate across classes",
     "no face",
@@ -48,8 +54,27 @@ class DataError(RuntimeError):
     """The input folder cannot be used at all."""
 
 
+def _entry_status(entry: Path) -> str:
+    """ "" for a file to read; else why an entry of a class folder is not one."""
+    if entry.is_symlink() and not entry.exists():  # dangling, or a loop (stat fails)
+        return "broken link"
+    if entry.is_dir():
+        return "folder"
+    return ""
+
+
+def _nested_files(folder: Path) -> int:
+    try:
+        return sum(1 for p in folder.rglob("*") if not p.is_dir())
+    except OSError:
+        return 0
+
+
 def scan(source: Path, max_classes: int | None = None) -> tuple[pd.DataFrame, dict]:
-    """List the files of an Emo135-layout folder (one sub-folder per class) and reconcile the classes."""
+    """List the entries of an Emo135-layout folder (one sub-folder per class) and reconcile the classes.
+
+    Returns one row per non-hidden entry of each class folder (`status` "" for a file to read) and the
+    classes report, with `class_folders` and `ignored` counts (see the module docstring)."""
     source = Path(source)
     if not source.is_dir():
         raise DataError(
@@ -57,24 +82,36 @@ def scan(source: Path, max_classes: int | None = None) -> tuple[pd.DataFrame, di
             "(one sub-folder per class), or run `python -m geneava.standin data` for the stand-in."
         )
     try:
-        folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+        entries = sorted(source.iterdir())
+        folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     except PermissionError as e:
         raise DataError(f"cannot list {source}: {e}. Make it readable (chmod) and rerun.") from e
     if not folders:
         raise DataError(f"{source} has no class sub-folders (expected one folder per expression class)")
     report = emo135.reconcile([p.name for p in folders])
+    ignored = {
+        "hidden": sum(p.name.startswith(".") for p in entries),
+        "files_outside_classes": sum(not p.is_dir() and not p.name.startswith(".") for p in entries),
+        "files_in_nested_folders": 0,
+    }
     if max_classes is not None:
         folders = folders[:max_classes]
     rows = []
     for folder in folders:
         try:
-            files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+            inside = sorted(folder.iterdir())
         except PermissionError as e:
             raise DataError(f"cannot list class folder {folder}: {e}. Make it readable and rerun.") from e
-        rows += [
-            {"source": str(f), "expression": folder.name} for f in files if f.suffix.lower() in IMAGE_SUFFIXES
-        ]
-    return pd.DataFrame(rows, columns=["source", "expression"]), report
+        for entry in inside:
+            if entry.name.startswith("."):
+                ignored["hidden"] += 1
+                continue
+            status = _entry_status(entry)
+            if status == "folder":
+                ignored["files_in_nested_folders"] += _nested_files(entry)
+            rows.append({"source": str(entry), "expression": folder.name, "status": status})
+    report |= {"class_folders": [p.name for p in folders], "ignored": ignored}
+    return pd.DataFrame(rows, columns=["source", "expression", "status"]), report
 
 
 def read_image(path: Path, max_pixels: int) -> tuple[np.ndarray | None, str]:
@@ -152,13 +189,14 @@ def prepare(params: dict, out_dir: Path, root: Path, detector=None, watermark=No
     need = {"finetune": params["finetune_per_class"], "eval": params["eval_per_class"]}
 
     hashes = []
-    for path in tqdm(images["source"], desc="hash", unit="file"):
+    entries = zip(images["source"], images["status"], strict=True)
+    for path, status in tqdm(entries, total=len(images), desc="hash", unit="file"):
         try:
-            hashes.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+            hashes.append(f"{status}:{path}" if status else sha256_file(Path(path)))
         except OSError:
             hashes.append(f"unreadable:{path}")
     images["source_sha256"] = hashes
-    images["status"] = mark_duplicates(images)
+    images["status"] = images["status"].where(images["status"] != "", mark_duplicates(images))
     images.loc[images["source_sha256"].str.startswith("unreadable:"), "status"] = "unreadable"
     for col in ("x0", "y0", "x1", "y1", "score"):
         images[col] = np.nan
@@ -167,6 +205,7 @@ def prepare(params: dict, out_dir: Path, root: Path, detector=None, watermark=No
     images["file"] = ""
     images["sha256"] = ""
 
+    written: set[Path] = set()
     groups = images.groupby("expression", sort=True)
     for name, group in tqdm(groups, total=groups.ngroups, desc=f"prepare ({detector.name})", unit="class"):
         filled = dict.fromkeys(SPLITS, 0)
@@ -194,12 +233,16 @@ def prepare(params: dict, out_dir: Path, root: Path, detector=None, watermark=No
                     continue
             split = "finetune" if filled["finetune"] < need["finetune"] else "eval"
             filled[split] += 1
-            rel = Path("images") / split / name / f"{Path(images.at[i, 'source']).stem}.png"
+            rel = Path("images") / split / name / f"{Path(images.at[i, 'source']).name}.png"
+            if rel in written:
+                raise DataError(f"{rel} would be written twice; please report this as a bug")
+            written.add(rel)
             crop = square_crop(rgb, face.box, params["crop_margin"], params["resolution"])
             images.at[i, "sha256"] = sha256_bytes(save_png(data_dir / rel, crop))
             images.at[i, "file"] = str(rel)
             images.at[i, "status"] = split
     images.loc[images["status"] == "", "status"] = "not examined"
+    resume.prune(data_dir / "images", [data_dir / r for r in written])  # crops of an earlier run's choice
     images["split"] = images["status"].where(images["status"].isin(SPLITS), "")
     images["source"] = [
         str(Path(s).relative_to(root)) if Path(s).is_relative_to(root) else s for s in images["source"]
@@ -208,6 +251,8 @@ def prepare(params: dict, out_dir: Path, root: Path, detector=None, watermark=No
 
     counts = images.pivot_table(index="expression", columns="status", aggfunc="size", fill_value=0)
     counts = counts.reindex(columns=[*SPLITS, *REASONS, "not examined"], fill_value=0)
+    # every class folder, the empty ones too (a short class, reported, never silently absent)
+    counts = counts.reindex(classes_report["class_folders"], fill_value=0).rename_axis("expression")
     write_csv(out_dir / "class_counts.csv", counts.reset_index())
     short = {
         n: {s: int(counts.at[n, s]) for s in SPLITS}
@@ -222,6 +267,8 @@ def prepare(params: dict, out_dir: Path, root: Path, detector=None, watermark=No
         "classes_missing_from_data": classes_report["missing_from_data"],
         "classes_unknown_to_list": classes_report["unknown_to_list"],
         "status": {k: int(v) for k, v in sorted(Counter(images["status"]).items())},
+        "empty_classes": [n for n in counts.index if not (images["expression"] == n).any()],
+        "ignored": classes_report["ignored"],
         "short_classes": short,
         **{f"{s}_images": int((images["split"] == s).sum()) for s in SPLITS},
     }

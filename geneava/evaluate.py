@@ -23,7 +23,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from geneava import config, emo135, metrics, models, qc
+from geneava import config, emo135, metrics, models, qc, resume
 from geneava.data import load_images, read_split
 from geneava.faces import face_detector, square_crop
 from geneava.io import atomic_write_text, cached_tensors, source_fingerprint, write_csv, write_json
@@ -110,6 +110,24 @@ def crop_faces(
     return torch.stack(crops), np.array(found)
 
 
+# Parameters that cannot change a cached embedding, with why; every other value of the `models` and
+# `evaluate` blocks enters the caches' key (geneava.resume.settings), with the embedded files' hashes.
+CACHE_IGNORED = {
+    "models": {
+        "sdxl": "renders images; the embedded files are keyed by their hashes",
+        "local_files_only": "says where weights are looked up, not which: their content is fingerprinted",
+    },
+    "evaluate": {
+        "include": "selects images: each cache is keyed by its files' hashes",
+        "n_boot": "the bootstrap, after embedding",
+        "level": "the bootstrap, after embedding",
+        "seed": "the bootstrap's seed (models are seeded by models.seed)",
+        "lpips": "LPIPS features are computed each run, not cached",
+        "lpips_size": "LPIPS features are computed each run, not cached",
+    },
+}
+
+
 class Embedder:
     """CLIP, DINOv2 and POSTER embeddings of image files; generated faces are cropped for POSTER."""
 
@@ -135,6 +153,8 @@ class Embedder:
             "detector": getattr(self.detector, "name", type(self.detector).__name__),
             "crop_margin": self.margin,
         }
+        blocks = {"models": model_params, "evaluate": params}
+        self.cache_key = resume.settings(blocks, CACHE_IGNORED) | {"detector": self.settings["detector"]}
 
     def crop_faces(self, paths: list[str], size: int) -> tuple[torch.Tensor, np.ndarray]:
         return crop_faces(self.detector, self.margin, paths, size)
@@ -161,7 +181,7 @@ def cached_embeddings(
     embedder: Embedder, name: str, paths: list[str], hashes: list[str], crop_size: int | None, cache_dir: Path
 ) -> dict[str, torch.Tensor]:
     """`embedder.embed`, reused from `cache_dir/<name>.safetensors` when the files and models match."""
-    key = {"files": hashes, "crop": crop_size, **embedder.settings}
+    key = {"files": hashes, "crop": crop_size, **embedder.cache_key}
     return cached_tensors(
         Path(cache_dir) / f"{name}.safetensors", key, lambda: embedder.embed(paths, crop_size, name)
     )

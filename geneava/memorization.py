@@ -270,17 +270,22 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
             "paper": f"cosine similarity > {t}",
             "deepface": f"cosine distance <= {t} (similarity >= {1 - t:.2f})",
             **({"model": f"{own[0]} distance < {own[1]}"} if own else {}),
-            **(
-                {"derived": f"cosine similarity >= {derived['threshold']:.4f} (C4.5 split)"}
-                if derived
-                else {}
-            ),
+            **_derived_rule(derived),
         },
         "paper": {"finetune_mean_nn_similarity": 0.39, "reference_mean_nn_similarity": 0.47, "above_0.68": 0},
     }
     write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "summary.md", summary_markdown(metrics, report))
     return {"nearest": nn, "removal": removal, "metrics": metrics, "report": report}
+
+
+def _derived_rule(derived: dict | None) -> dict:
+    """The derived rule as the report states it; a derivation that failed (not fatal) says why."""
+    if not derived:
+        return {}
+    if derived.get("threshold") is None:
+        return {"derived": f"not available: {derived.get('error', 'no threshold')}"}
+    return {"derived": f"cosine similarity >= {derived['threshold']:.4f} (C4.5 split)"}
 
 
 def run(

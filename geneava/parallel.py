@@ -11,7 +11,17 @@ def launch(module: str, args: list[str], num_processes: int, mixed_precision: st
 
     torchrun-style launch; on a machine without CUDA the processes form a CPU (gloo) group, which
     is how the tests exercise multi-process code paths.
+
+    Each process gets the thread count this process has (OMP_NUM_THREADS, unless the user set it):
+    accelerate would give each one thread, and float reductions, so images, differ with the number of
+    threads; with the same count, N processes make exactly the bytes one process makes.
     """
+    import os
+
+    import torch
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     cmd = [
         sys.executable,
         "-m",
@@ -29,7 +39,7 @@ def launch(module: str, args: list[str], num_processes: int, mixed_precision: st
         module,
         *args,
     ]
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=env)
 
 
 def run_here(num_processes: int) -> bool:

@@ -119,8 +119,8 @@ IGNORED = {
     },
     "prompts": {"caption": "captions training images"},
     "generate": {
-        "limit": "selects rows: a row is keyed by its own prompt, seed and batch",
-        "expressions": "selects rows: a row is keyed by its own prompt, seed and batch",
+        "limit": "chooses rows upstream (generate); a row is keyed by its own prompt, seed and batch",
+        "expressions": "chooses rows upstream (generate); a row is keyed by its own prompt, seed and batch",
         "num_processes": "refill runs in one process",
         "max_retries": "enters each row's first attempt, one of its inputs",
     },

@@ -196,6 +196,22 @@ def run_rounds(
     return out
 
 
+def first_round_keys(
+    items: list[Item], settings_key: str, batch_size: int, independent: bool = False
+) -> dict[Any, str]:
+    """The key each item's first try is made under, as `run_rounds` plans it from scratch (for tests and
+    for asking which items a parameter change would redo, without rendering anything)."""
+    item_key = {it.id: digest(settings_key, it.inputs) for it in items}
+    if independent:
+        return {it.id: digest(0, [(item_key[it.id], 0)]) for it in items}
+    out = {}
+    for i in range(0, len(items), batch_size):
+        batch = items[i : i + batch_size]
+        shared = digest(0, [(item_key[it.id], 0) for it in batch])
+        out |= {it.id: shared for it in batch}
+    return out
+
+
 def prune(folder: Path, keep: Iterable[Path]) -> int:
     """Remove every file under `folder` that is not in `keep` (outputs of items no longer asked for, e.g.
     after `limit` or `expressions` changed), then empty sub-folders; returns how many files went."""

@@ -267,7 +267,7 @@ IGNORED = {
     },
     "prompts": {"caption": "captions training images"},
     "stylize": {
-        "include": "selects faces: an avatar is keyed by its own face",
+        "include": "chooses which faces are stylized; an avatar is keyed by its own face",
         **{
             k: "a preservation check, computed anew each run from the avatars"
             for k in (

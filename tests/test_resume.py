@@ -1,0 +1,305 @@
+"""The one resume mechanism (geneava.resume): keys that cover every input, rounds rebuilt identically after
+a kill, temp files swept, items no longer asked for pruned; and, per stage, that every parameter changes
+the keys of what it affects or is listed (with its reason) as not affecting it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from geneava import generate, io, refill, resume, stylize
+
+# ----------------------------------------------------------------- the engine, with a fake renderer
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL inside one process: nothing after it runs (no cleanup is attempted)."""
+
+
+class Renderer:
+    """A fake batch renderer whose output depends on the whole batch (as a real one does at the level of
+    rounding), and whose check fails each item's first `fails[id]` tries."""
+
+    def __init__(self, fails: dict, kill_after: int | None = None):
+        self.fails, self.kill_after, self.batches = fails, kill_after, []
+
+    def __call__(self, batch):
+        if self.kill_after is not None and len(self.batches) >= self.kill_after:
+            raise Killed
+        self.batches.append([(it.id, k) for it, k in batch])
+        mates = ",".join(f"{it.id}:{k}" for it, k in batch)
+        outcomes = []
+        for it, k in batch:
+            data = hashlib.sha256(f"{it.inputs}|{k}|{mates}".encode()).hexdigest().encode()
+            why = "too close" if k < self.fails.get(it.id, 0) else ""
+
+            def finish(final, it=it, k=k, data=data):
+                if final:
+                    io.atomic_write_bytes(it.base / f"{it.id}.out", data)
+                    return {"try": k, "files": [f"{it.id}.out"]}
+                return {"try": k}
+
+            outcomes.append(resume.Outcome(why, finish))
+        return outcomes
+
+
+def _items(folder: Path, n: int = 7, seed: int = 0) -> list[resume.Item]:
+    return [resume.Item(f"r{i}", {"seed": seed + i}, folder / f"r{i}.json", folder) for i in range(n)]
+
+
+def _outputs(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix == ".out"}
+
+
+FAILS = {"r1": 2, "r3": 1, "r4": 3, "r6": 1}  # r4 never passes in 3 rounds
+
+
+def _run(folder, renderer, rounds=3, batch_size=3, **kw):
+    return resume.run_rounds(_items(folder), "settings", rounds, batch_size, renderer, **kw)
+
+
+def test_rounds_retry_failing_items_and_give_up_after_the_last(tmp_path):
+    records = _run(tmp_path, Renderer(FAILS))
+    assert {i: r["try"] for i, r in records.items()} == {
+        "r0": 0,
+        "r1": 2,
+        "r2": 0,
+        "r3": 1,
+        "r4": 2,
+        "r5": 0,
+        "r6": 1,
+    }
+    assert [t["why"] for t in records["r4"]["tries"]] == ["too close"] * 3 and records["r4"]["done"]
+    assert len(_outputs(tmp_path)) == 7
+
+
+@pytest.mark.parametrize("kill_after", [1, 2, 3, 4, 5])
+def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, kill_after):
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    _run(whole, Renderer(FAILS))
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    with pytest.raises(Killed):
+        _run(killed, Renderer(FAILS, kill_after=kill_after))
+    again = Renderer(FAILS)
+    _run(killed, again)
+    assert _outputs(killed) == _outputs(whole)  # the retry batches were rebuilt as they were
+    assert len(again.batches) < 6  # and only what was missing was made again
+
+
+def test_a_kill_between_an_items_file_and_its_record_is_made_again(tmp_path):
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    _run(whole, Renderer({}))
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    _run(killed, Renderer({}))
+    (killed / "r4.json").unlink()  # killed after r4's file, before its record
+    (killed / "r5.out").write_bytes(b"half a fi")  # killed inside the write of r5's file...
+    (killed / "r5.json").unlink()
+    (killed / ".r6.out.k2j3.tmp").write_bytes(b"half")  # ...or before the rename of r6's
+    (killed / "r6.json").unlink()
+    resume.start(killed)
+    again = Renderer({})
+    _run(killed, again)
+    assert _outputs(killed) == _outputs(whole)
+    assert again.batches == [[("r3", 0), ("r4", 0), ("r5", 0)], [("r6", 0)]]  # whole batches, as first
+    assert not list(killed.glob(".*.tmp"))
+
+
+def test_records_of_other_settings_or_inputs_are_never_reused(tmp_path):
+    _run(tmp_path, Renderer({}))
+    renderer = Renderer({})
+    records = resume.run_rounds(_items(tmp_path), "other settings", 3, 3, renderer)
+    assert len(renderer.batches) == 3  # every item made again
+    assert records["r0"]["key"] == resume.digest("other settings", {"seed": 0})
+    renderer = Renderer({})
+    resume.run_rounds(_items(tmp_path, seed=100), "other settings", 3, 3, renderer)
+    assert len(renderer.batches) == 3
+
+
+def test_a_deleted_output_is_made_again(tmp_path):
+    _run(tmp_path, Renderer({}))
+    (tmp_path / "r2.out").unlink()
+    renderer = Renderer({})
+    _run(tmp_path, renderer)
+    assert renderer.batches == [[("r0", 0), ("r1", 0), ("r2", 0)]] and (tmp_path / "r2.out").is_file()
+
+
+def test_independent_items_are_redone_alone(tmp_path):
+    items = _items(tmp_path)
+    resume.run_rounds(items, "s", 1, 3, Renderer({}), independent=True)
+    (tmp_path / "r4.json").unlink()
+    renderer = Renderer({})
+    resume.run_rounds(items, "s", 1, 3, renderer, independent=True)
+    assert renderer.batches == [[("r4", 0)]]
+
+
+def test_two_processes_make_the_batches_one_makes(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    _run(one, Renderer(FAILS))
+    # two "processes" in turn, each its half of every round's batches, a barrier between rounds
+    import threading
+
+    barrier = threading.Barrier(2)
+    threads = [
+        threading.Thread(
+            target=_run, args=(two, Renderer(FAILS)), kwargs={"rank": r, "world": 2, "barrier": barrier.wait}
+        )
+        for r in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _outputs(two) == _outputs(one)
+
+
+def test_prune_removes_outputs_of_items_no_longer_asked_for(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    keep = tmp_path / "a" / "keep.png"
+    keep.write_bytes(b"1")
+    (tmp_path / "a" / "b" / "old.png").write_bytes(b"2")
+    assert resume.prune(tmp_path / "a", [keep]) == 1
+    assert keep.is_file() and not (tmp_path / "a" / "b").exists()
+
+
+def test_atomic_writes_keep_the_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        io.atomic_write_text(tmp_path / "f.txt", "x")
+        folder = io.temp_dir(tmp_path, "release")
+        io.cached_tensors(tmp_path / "c.safetensors", {"k": 1}, lambda: {"t": __import__("torch").zeros(1)})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o644
+    assert folder.stat().st_mode & 0o777 == 0o755
+
+
+# ----------------------------------------------------------------- every parameter reaches the keys
+
+
+SPECIAL = {  # perturbations the generic rule below would make meaningless
+    ("generate", "expressions"): ["delight", "rage"],
+    ("generate", "limit"): 300,
+}
+
+
+def _perturb(block: str, key: str, value):
+    if (block, key) in SPECIAL:
+        return SPECIAL[(block, key)]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 + 0.01
+    if isinstance(value, str):
+        return value + " x"
+    if isinstance(value, list):
+        return value[:-1]
+    if isinstance(value, dict):
+        first = sorted(value)[0]
+        return {**value, first: value[first] + "x"}
+    if value is None:
+        return "x"
+    raise TypeError(f"no perturbation for {block}.{key} = {value!r}")
+
+
+def _check_every_key(blocks: dict, keys_of, ignored: dict) -> None:
+    """Changing any value changes some item's first-try key, or the value is listed in `ignored` with a
+    reason: a row selector ("selects ...") must change which items there are (and so batches), anything
+    else listed must leave every key unchanged."""
+    base = keys_of(blocks)
+    assert len(set(base.values())) > 1 or len(base) == 1
+    for block, values in blocks.items():
+        for key, value in values.items():
+            changed = {**blocks, block: {**values, key: _perturb(block, key, value)}}
+            moved = keys_of(changed) != base
+            why = ignored.get(block, {}).get(key)
+            if why is None:
+                assert moved, (
+                    f"{block}.{key} changes no item's key: a changed value would leave stale outputs"
+                )
+            else:
+                assert why.strip()
+                if why.startswith("selects"):
+                    assert set(keys_of(changed)) != set(base), f"{block}.{key} selects no other items"
+                else:
+                    assert not moved, f"{block}.{key} is listed as not affecting items, but moves their keys"
+
+
+def test_every_generate_parameter_reaches_the_row_keys(default, tmp_path):
+    def keys_of(b):
+        params = {**b["generate"], "qc": b["generate"]["qc"]}
+        rows, key = generate.plan(b["models"], b["prompts"], params, "lora-sha")
+        items = generate.row_items(rows, tmp_path)
+        return resume.first_round_keys(items, key, params["batch_size"])
+
+    blocks = {k: dict(default[k]) for k in ("models", "prompts", "generate")}
+    _check_every_key(blocks, keys_of, generate.IGNORED)
+
+
+def test_every_stylize_parameter_reaches_the_avatar_keys(default, tmp_path):
+    faces = [f"{i:064x}" for i in range(20)]
+
+    def keys_of(b):
+        key = stylize.settings_key(b["models"], b["prompts"], b["stylize"])
+        items = [
+            resume.Item(i, {"face_sha256": f}, tmp_path / f"{i}.json", tmp_path) for i, f in enumerate(faces)
+        ]
+        return resume.first_round_keys(items, key, b["stylize"]["batch_size"])
+
+    blocks = {k: dict(default[k]) for k in ("models", "prompts", "stylize")}
+    _check_every_key(blocks, keys_of, stylize.IGNORED)
+
+
+def test_every_refill_parameter_reaches_the_row_keys(default):
+    sets = {"finetune": pd.DataFrame({"sha256": ["a", "b"]}), "reference": pd.DataFrame({"sha256": ["c"]})}
+    names = {
+        "models": "model_params",
+        "prompts": "prompt_params",
+        "generate": "gen_params",
+        "stylize": "sty_params",
+        "memorization": "mem_params",
+        "refill": "params",
+    }
+
+    def keys_of(b):
+        p = {names[k]: v for k, v in b.items()}
+        return {"all rows": refill.settings_key(p, "lora", "derived", 0.5, 1.0, sets)}
+
+    blocks = {k: dict(default[k]) for k in names}
+    _check_every_key(blocks, keys_of, refill.IGNORED)
+    p = {names[k]: v for k, v in blocks.items()}
+    # the audit's rule, thresholds and compared images are part of the key too
+    base = refill.settings_key(p, "lora", "derived", 0.5, 1.0, sets)
+    assert refill.settings_key(p, "lora", "paper", 0.5, 1.0, sets) != base
+    assert refill.settings_key(p, "lora", "derived", 0.6, 1.0, sets) != base
+    assert refill.settings_key(p, "other lora", "derived", 0.5, 1.0, sets) != base
+    other = {**sets, "reference": pd.DataFrame({"sha256": ["d"]})}
+    assert refill.settings_key(p, "lora", "derived", 0.5, 1.0, other) != base
+
+
+def test_weights_replaced_in_place_change_the_settings(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"one")
+    first = resume.settings({"models": {"expression": str(weights)}})
+    weights.write_bytes(b"two")
+    os.utime(weights, ns=(1, 1))  # another mtime too, as a real rewrite has
+    assert resume.settings({"models": {"expression": str(weights)}}) != first
+
+
+def test_records_are_json_with_their_key(tmp_path):
+    records = _run(tmp_path, Renderer({}))
+    on_disk = json.loads((tmp_path / "r0.json").read_text())
+    assert on_disk == records["r0"] and on_disk["key"] == resume.digest("settings", {"seed": 0})
