@@ -27,11 +27,13 @@ repro: setup
 	$(BIN)/dvc metrics show
 	@cat outputs/evaluate/table1.md
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest
 
+# Kernels start in notebooks/; every path in params.yaml and the notebooks means the project root's.
+# As root (containers often are), Jupyter refuses to start without --allow-root. LAB_ARGS: more flags.
 lab: setup
-	$(BIN)/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(BIN)/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 lint: setup
 	$(BIN)/ruff check geneava tests benchmarks

@@ -206,7 +206,7 @@ def build(params: dict, outputs: Path, out_dir: Path) -> dict:
     write_csv(out_dir / "excluded.csv", excluded)
     write_json(out_dir / "metrics.json", summary)
     if summary["images"]:
-        summary["loads_with_datasets"] = check_loads(out_dir / NAME, summary["images"])
+        summary["rows_loaded_by_datasets"] = check_loads(out_dir / NAME, summary["images"])
     write_json(out_dir / "report.json", summary)
     if summary["cells_off"] and params["balance"] == "strict":
         off = cells[cells["off"]].head(5).to_dict("records")
@@ -217,8 +217,9 @@ def build(params: dict, outputs: Path, out_dir: Path) -> dict:
     return {"summary": summary, "released": released, "excluded": excluded, "cells": cells}
 
 
-def check_loads(folder: Path, n: int) -> bool:
-    """Load the release with stock `datasets` (offline) and check it holds `n` pairs with both images."""
+def check_loads(folder: Path, n: int) -> int:
+    """Load the release with stock `datasets` (offline); returns the rows it loaded, and raises when they
+    are not the `n` pairs with both images and the expression."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from datasets import load_dataset
 
@@ -229,7 +230,7 @@ def check_loads(folder: Path, n: int) -> bool:
             raise RuntimeError(
                 f"{folder}: datasets loaded {ds.num_rows} rows {ds.column_names}, expected {n}"
             )
-    return True
+        return int(ds.num_rows)
 
 
 def run(profile: str | None, outputs: Path, out_dir: Path, params_file: Path | None = None) -> dict:

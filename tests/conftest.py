@@ -124,3 +124,34 @@ def write_generated(gen_dir: Path, images: list, expression: str = "x", qc: list
         )
     write_csv(gen_dir / "finetuned" / "manifest.csv", pd.DataFrame(rows))
     return gen_dir
+
+
+def kill_when(cmd: list[str], ready, timeout: float = 180, cwd=None, env=None) -> bool:
+    """Start `cmd`, SIGKILL its process group as soon as `ready()` holds; False if it ended first."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=cwd, env=env
+    )
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not ready() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        return False
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def tree_files(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with its sha256 (to compare two runs' outputs byte for byte)."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }

@@ -150,8 +150,11 @@ def test_watermark_classifier_loads_reference_layout(tmp_path):
         {f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "wm.safetensors"
     )
     clf = watermark.watermark_filter(str(tmp_path / "wm.safetensors"))
+    loaded = clf.model.state_dict()
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())  # every tensor, unprefixed
     p = clf.probability(np.zeros((300, 200, 3), np.uint8))
-    assert 0.0 <= p <= 1.0
+    assert p != clf.probability(np.full((300, 200, 3), 255, np.uint8))
     assert watermark.watermark_filter("none") is None
     with pytest.raises(FileNotFoundError, match="boomb0om"):
         watermark.watermark_filter(str(tmp_path / "missing.pth"))

@@ -104,7 +104,10 @@ def test_stage_params_picks_the_profile(tmp_path):
     raw2 = copy.deepcopy(raw)
     raw2["profile"] = "paper"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw2))
-    assert config.stage_params("prepare", path=tmp_path / "params.yaml")["eval_per_class"] == 50
+    assert config.stage_params("generate", path=tmp_path / "params.yaml")["limit"] is None
+    # the paper's weights are not on this machine: a stage that reads them stops, naming the key
+    with pytest.raises(ParamsError, match=r"prepare\.paper\.watermark"):
+        config.stage_params("prepare", path=tmp_path / "params.yaml")
 
 
 def test_cli_fails_with_the_key(tmp_path):
@@ -124,3 +127,51 @@ def test_project_root_found_from_a_subfolder(monkeypatch):
     assert config.project_root(ROOT / "notebooks") == ROOT
     monkeypatch.setenv("GENEAVA_ROOT", str(ROOT / "tests"))
     assert config.project_root() == ROOT / "tests"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("models", "sdxl", "models/world/no_such_sdxl"),
+        ("models", "expression", "models/world/no_such_poster.safetensors"),
+        ("prepare", "detector", "models/world/no_such_retinaface.safetensors"),
+        ("memorization", "identity", "models/world/no_such_identity.safetensors"),
+        ("evaluate", "lpips", "models/alexnet.pth"),
+    ],
+)
+def test_a_model_path_that_does_not_exist_fails_validation_with_its_key(tmp_path, section, key, value):
+    raw = _raw()
+    raw[section]["default"][key] = value
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=rf"{section}\.default\.{key} = .*no such file or folder"):
+        config.stage_params(section, path=bad)
+    run = subprocess.run(
+        [sys.executable, "-m", "geneava.config", "--params", str(bad)], capture_output=True, text=True
+    )
+    assert run.returncode == 2 and f"{section}.default.{key}" in run.stderr
+
+
+def test_hub_ids_and_names_are_not_paths():
+    raw = config.validate(_raw())
+    raw["models"]["default"]["sdxl"] = "stabilityai/stable-diffusion-xl-base-1.0"
+    raw["evaluate"]["default"]["clip"] = "openai/clip-vit-large-patch14"
+    raw["prepare"]["default"]["detector"] = "auto"
+    config.check_sources(raw, "default")  # no error: loaded by hub id or by name
+
+
+def test_an_empty_params_file_says_it_is_empty(tmp_path):
+    (tmp_path / "params.yaml").write_text("# nothing here\n")
+    with pytest.raises(ParamsError, match="params.yaml is empty"):
+        config.load_params(tmp_path / "params.yaml")
+
+
+def test_paths_mean_the_project_roots_wherever_the_process_runs(monkeypatch, tmp_path):
+    monkeypatch.delenv("GENEAVA_ROOT", raising=False)
+    monkeypatch.chdir(ROOT / "notebooks")  # where JupyterLab starts kernels
+    assert config.path("models/world/poster.safetensors") == ROOT / "models/world/poster.safetensors"
+    assert config.source("models/world/sdxl") == str(ROOT / "models/world/sdxl")
+    assert config.source("tiny") == "tiny"
+    assert config.path(tmp_path) == tmp_path  # absolute paths stay
+    monkeypatch.chdir(tmp_path)  # outside the checkout: the checkout geneava is installed from
+    assert config.project_root() == ROOT

@@ -316,3 +316,57 @@ def test_crop_margin_null_keeps_the_whole_image_a_margin_crops_the_face(emo_like
             )
             assert np.array_equal(got, expected)
             assert np.array_equal(got, src) == (margin is None)  # the margin-0 crop is the face, upscaled
+
+
+# ----------------------------------------------------------------- hostile folders
+
+
+@pytest.fixture
+def hostile(tmp_path) -> Path:
+    """An Emo135-layout folder with everything a real download or a user's copy can hold."""
+    src = tmp_path / "src" / "emo135"
+    for name in ("delight", "rage"):
+        (src / name).mkdir(parents=True)
+        for i in range(3):
+            (src / name / f"face{i}.png").write_bytes(_face_png(10 * i + len(name)))
+    d = src / "delight"
+    Image.open(io.BytesIO(_face_png(40))).save(d / "x.png")
+    for i, suffix in enumerate((".jpg", ".bmp", ".tif")):  # one stem, four images
+        Image.open(io.BytesIO(_face_png(41 + i))).convert("RGB").save(d / f"x{suffix}")
+    (d / "noextension").write_bytes(_face_png(45))  # an image without an extension
+    (d / "looks-like.png").mkdir()  # a folder named like an image, with a file in it
+    (d / "looks-like.png" / "inner.png").write_bytes(_face_png(43))
+    (d / "loop").symlink_to(d / "loop")  # a symlink loop
+    (d / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (d / ".DS_Store").write_bytes(b"\0\0")
+    (src / "empty").mkdir()  # an empty class folder
+    (src / "notes.txt").write_text("files outside any class")
+    return src
+
+
+def test_every_entry_of_a_hostile_folder_has_a_row_or_a_counted_ignore_rule(hostile, default, tmp_path):
+    p = _params(default, hostile, finetune_per_class=1, eval_per_class=1)
+    with pytest.raises(data.DataError, match=r"empty \(0\+0\)"):  # the empty class is short, and said so
+        data.prepare(p, tmp_path / "out", tmp_path, detector=WholeImage())
+    m = pd.read_csv(tmp_path / "out/data/manifest.csv", keep_default_na=False)
+    status = {Path(s).name: v for s, v in zip(m["source"], m["status"], strict=True)}
+    assert status["loop"] == "broken link" and status["dangling.png"] == "broken link"
+    assert status["looks-like.png"] == "folder"
+    assert status["noextension"] != "not an image"  # read as the image it is
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert report["empty_classes"] == ["empty"]
+    assert report["ignored"] == {"hidden": 1, "files_outside_classes": 1, "files_in_nested_folders": 1}
+    entries = [e for c in hostile.iterdir() if c.is_dir() for e in c.iterdir() if not e.name.startswith(".")]
+    assert len(m) == len(entries)  # every visible entry of every class folder: one row each
+
+
+def test_two_files_with_one_stem_never_share_an_output(hostile, default, tmp_path):
+    # delight: 8 images, 4 of them x.*: at least two x.* share a split, whatever the seeded order
+    p = _params(default, hostile, classes=1, finetune_per_class=6, eval_per_class=2)
+    m = data.prepare(p, tmp_path / "out", tmp_path, detector=WholeImage())
+    used = m[m["split"] != ""]
+    assert len(used) == 8 and used["file"].is_unique
+    names = {Path(s).name: f for s, f in zip(used["source"], used["file"], strict=True)}
+    assert len({names[f"x{s}"] for s in (".png", ".jpg", ".bmp", ".tif")}) == 4
+    for row in used.itertuples():  # every crop on disk is the one its row describes
+        assert sha256_file(tmp_path / "out/data" / row.file) == row.sha256

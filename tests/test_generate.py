@@ -1,9 +1,6 @@
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +12,7 @@ from geneava import generate, prompts, qc
 from geneava.faces import Face
 from geneava.io import sha256_file
 
-from .conftest import ROOT
+from .conftest import ROOT, kill_when, tree_files
 
 
 class Passes:
@@ -127,7 +124,7 @@ def test_rows_that_never_pass_are_kept_flagged_and_reported(default, trained, tm
     assert report["kept"] == 0 and len(report["never_passed"]) == 3
 
 
-def test_manifest_resume_and_no_partial_files(default, trained, tmp_path):
+def test_manifest_resume_and_no_partialtree_files(default, trained, tmp_path):
     lora = trained / "lora"
     first = _gen(default, tmp_path, lora, limit=4, batch_size=2)
     assert len(first) == 4 and first["lora_sha256"].nunique() == 1 and first["row_id"].is_unique
@@ -186,11 +183,7 @@ def test_baseline_and_finetuned_share_prompts_and_seeds(default, trained, tmp_pa
     ft = _gen(default, tmp_path / "ft", trained / "lora", limit=3)
     base = _gen(default, tmp_path / "base", None, limit=3)
     assert ft["prompt"].tolist() == base["prompt"].tolist() and ft["seed"].tolist() == base["seed"].tolist()
-    assert (
-        base["lora_sha256"].isna().all()
-        or (base["lora_sha256"] == "").all()
-        or base["lora_sha256"].iloc[0] is None
-    )
+    assert base["lora_sha256"].isna().all() and ft["lora_sha256"].notna().all()
     assert ft["sha256"].tolist() != base["sha256"].tolist()
 
 
@@ -210,11 +203,6 @@ def _params_file(tmp_path, **over) -> Path:
     return path
 
 
-def _files(folder: Path) -> dict[str, str]:
-    """Every file under a stage's output folder (records and run.json included) with its sha256."""
-    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def _cmd(out: Path, lora: Path | None, params_file: Path) -> list[str]:
     return [
         sys.executable,
@@ -226,19 +214,6 @@ def _cmd(out: Path, lora: Path | None, params_file: Path) -> list[str]:
         "--params",
         str(params_file),
     ]
-
-
-def _kill_when(cmd: list[str], ready, timeout: float = 180) -> bool:
-    """Start `cmd`, SIGKILL its process group as soon as `ready()` holds; False if it ended first."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and not ready() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    if proc.poll() is not None:
-        return False
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return True
 
 
 def _records(out: Path) -> list[dict]:
@@ -262,7 +237,7 @@ def test_sigkill_at_any_point_then_resume_is_bit_identical(trained, tmp_path):
     )
     whole = tmp_path / "whole"
     subprocess.run(_cmd(whole, trained / "lora", params_file), check=True, capture_output=True)
-    reference = _files(whole)
+    reference = tree_files(whole)
     report = json.loads((whole / "report.json").read_text())
     assert report["retried_rows"] >= 3, "the kills below should land among QC retries"
 
@@ -276,9 +251,9 @@ def test_sigkill_at_any_point_then_resume_is_bit_identical(trained, tmp_path):
     for name, ready in points.items():
         out = tmp_path / name.replace(" ", "-")
         cmd = _cmd(out, trained / "lora", params_file)
-        assert _kill_when(cmd, lambda out=out, ready=ready: ready(out)), f"{name}: the run ended first"
+        assert kill_when(cmd, lambda out=out, ready=ready: ready(out)), f"{name}: the run ended first"
         subprocess.run(cmd, check=True, capture_output=True)
-        assert _files(out) == reference, f"killed {name}: the resumed run differs"
+        assert tree_files(out) == reference, f"killed {name}: the resumed run differs"
 
 
 def test_a_write_cut_short_is_swept_and_made_again(default, trained, tmp_path):

@@ -1,6 +1,8 @@
 """Notebooks are committed clean, parameterised, and each one is a stage of the DAG."""
 
 import json
+import os
+import shutil
 
 import pytest
 import yaml
@@ -77,3 +79,58 @@ def test_every_stage_depends_on_every_module_it_runs():
         )
         missing = sorted(needed - deps)
         assert not missing, f"stage {name} runs {missing} but does not depend on them"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_make_lab_starts_jupyterlab_as_this_user():
+    """`make lab` as the user running the tests (root in CI and in many containers): the server comes up."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    port = _free_port()
+    args = f"LAB_ARGS=--no-browser --port={port} --ServerApp.port_retries=0 --ServerApp.token=geneava-test"
+    proc = subprocess.Popen(
+        ["make", "-s", "lab", args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    seen, deadline = [], time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if f":{port}/lab" in line:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert any(f":{port}/lab" in line for line in seen), "".join(seen[-20:])
+
+
+def test_make_lab_allows_root_only_for_root():
+    import subprocess
+
+    as_me = subprocess.run(["make", "-n", "lab"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert ("--allow-root" in as_me) == (os.geteuid() == 0)
+    if os.geteuid() == 0 and shutil.which("runuser"):  # the same Makefile for an ordinary user
+        other = subprocess.run(
+            ["runuser", "-u", "nobody", "--", "make", "-n", "lab"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert "jupyter lab notebooks" in other.stdout and "--allow-root" not in other.stdout, other.stderr

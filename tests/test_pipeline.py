@@ -243,3 +243,100 @@ def test_bad_param_fails_before_any_model_is_built(clone):
         assert "step/s" not in log  # no training step ran
     finally:
         (clone / "params.yaml").write_text(original)
+
+
+@pytest.mark.parametrize(
+    ("weights", "users"),
+    [
+        ("models/world/poster.safetensors", {"finetune", "evaluate", "stylize", "ablation", "refill"}),
+        ("models/world/identity.safetensors", {"memorization", "stylize", "refill"}),
+    ],
+)
+def test_weights_replaced_in_place_mark_the_stages_that_use_them(clone, weights, users):
+    path = clone / weights
+    original = path.read_bytes()
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    first = sorted(state)[0]
+    state[first] = state[first] + 1  # retrained in place: same path, other weights
+    save_file(state, path)
+    try:
+        assert _status(clone) == users
+    finally:
+        path.write_bytes(original)
+    assert _status(clone) == set()
+
+
+@pytest.mark.parametrize(
+    ("notebook", "stage", "params"),
+    [
+        ("01_prepare.ipynb", "prepare", ["-p", "profile", "default"]),
+        ("04_evaluate.ipynb", "evaluate", ["-p", "profile", "default"]),
+        ("05_memorization.ipynb", "memorization", ["-p", "profile", "default"]),
+    ],
+)
+def test_a_notebook_run_from_the_root_gives_what_the_stage_gave_in_notebooks(
+    clone, tmp_path, notebook, stage, params
+):
+    """DVC ran each stage's kernel in notebooks/ (papermill --cwd notebooks, as JupyterLab starts it);
+    the same notebook with its kernel in the project root writes the same results."""
+    out = tmp_path / stage
+    _run(
+        [
+            BIN / "papermill",
+            f"notebooks/{notebook}",
+            str(out / notebook),
+            "-k",
+            "geneava",
+            *params,
+            "-p",
+            "out_dir",
+            str(out),
+        ],
+        clone,
+    )
+    mine, dvc = out, clone / "outputs" / stage
+    for name in ("metrics.json", "report.json"):
+        if (dvc / name).exists():
+            assert json.loads((mine / name).read_text()) == json.loads((dvc / name).read_text()), name
+    if stage == "prepare":
+        assert (mine / "data/manifest.csv").read_bytes() == (dvc / "data/manifest.csv").read_bytes()
+    if stage == "evaluate":
+        assert (mine / "table1.md").read_text() == (dvc / "table1.md").read_text()
+
+
+def test_every_local_weight_of_either_profile_is_a_dependency_of_the_stages_that_read_it(params):
+    """So replacing a weight file in place (a retrained world model, the paper's POSTER) reruns exactly
+    the stages that read it, whichever profile is active. A stage module's IGNORED lists say which keys
+    of a block it reads cannot change its outputs."""
+    from geneava import config, evaluate, generate
+
+    not_read = {"generate": generate.IGNORED, "evaluate": evaluate.CACHE_IGNORED}
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    checked = 0
+    for name, stage in stages.items():
+        read: dict[str, set | None] = {}  # section -> keys read (None: the whole block)
+        for entry in stage.get("params", []):
+            parts = entry.split(".")
+            if len(parts) == 2:
+                read[parts[0]] = None
+            elif len(parts) == 3:
+                read.setdefault(parts[0], set()).add(parts[2])
+        deps = [Path(d) for d in stage["deps"]]
+        for section, key, names, hub, used in config.WEIGHT_KEYS:
+            if section not in read or (read[section] is not None and key not in read[section]):
+                continue
+            if key in not_read.get(name, {}).get(section, {}):
+                continue
+            for profile in config.PROFILES:
+                block = params[section][profile]
+                value = block[key]
+                if value is None or value in names or not used(block) or (hub and value.count("/") == 1):
+                    continue
+                path = Path(value)
+                assert any(path == d or d in path.parents for d in deps), (
+                    f"stage {name} reads {section}.{profile}.{key} = {value} but does not depend on it"
+                )
+                checked += 1
+    assert checked > 20

@@ -4,6 +4,9 @@ stylization checks and the memorization rule; accepted rows are written once, a 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from geneava import generate, prompts, refill, stylize
 from geneava.io import write_csv, write_json
 
+from .conftest import ROOT, kill_when, tree_files
 from .test_generate import FailsFirst, Passes
 
 
@@ -133,3 +137,35 @@ def test_nothing_to_refill_still_writes_every_record_column(default, outputs, tm
         got, clean, tmp_path / "refill", save_to=tmp_path / "refill" / "replacements.png"
     )
     assert (tmp_path / "refill" / "replacements.png").is_file()
+
+
+def test_sigkill_during_refill_then_resume_is_bit_identical(default, outputs, tmp_path):
+    out, _ = outputs
+    args = {
+        "model_params": default["models"],
+        "prompt_params": default["prompts"],
+        "gen_params": {**default["generate"], "steps": 2, "batch_size": 1},
+        "sty_params": {**default["stylize"], "stylizer": "passthrough", "expression_level": "class"},
+        "mem_params": {**default["memorization"], "threshold": 0.999},
+        "params": {**default["refill"], "max_attempts": 2},
+    }
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, sys\nfrom pathlib import Path\nfrom geneava import refill\n"
+        "from tests.test_generate import Passes\n"
+        "a = json.loads(Path(sys.argv[1]).read_text())\n"
+        f"refill.refill(**a, outputs=Path({str(out)!r}), out_dir=Path(sys.argv[2]), "
+        f"root=Path({str(out.parent)!r}), detector=Passes())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def cmd(dest):
+        return [sys.executable, str(script), str(tmp_path / "args.json"), str(dest)]
+
+    subprocess.run(cmd(tmp_path / "whole"), check=True, capture_output=True, env=env, cwd=ROOT)
+    killed = tmp_path / "killed"
+    done = lambda: len(list((killed / "records").rglob("*.json"))) >= 1  # noqa: E731
+    assert kill_when(cmd(killed), done, env=env, cwd=ROOT), "the run ended before the kill"
+    subprocess.run(cmd(killed), check=True, capture_output=True, env=env, cwd=ROOT)
+    assert tree_files(killed) == tree_files(tmp_path / "whole")

@@ -85,7 +85,7 @@ def test_removal_lists_are_honoured_and_the_release_loads_with_datasets(tmp_path
     out = _world(tmp_path, memorized=["joy|White|female|adult"], failed_stylization=["awe|White|male|adult"])
     built = release.build(release_params, out, tmp_path / "release")
     s = built["summary"]
-    assert s["images"] == 2 and s["excluded"] == 2 and s["loads_with_datasets"]
+    assert s["images"] == 2 and s["excluded"] == 2 and s["rows_loaded_by_datasets"] == 2
     assert s["excluded_by"]["memorization"] == 1 and s["excluded_by"]["stylization"] == 1
     assert s["cells_off"] == 2
     from datasets import load_dataset
@@ -169,7 +169,7 @@ def test_refilled_rows_take_their_replacement_and_fill_the_cell(tmp_path, releas
     built = release.build(dict(release_params, balance="strict"), out, tmp_path / "release")
     s = built["summary"]
     assert s["images"] == 4 and s["refilled"] == 2 and s["excluded"] == 0 and s["cells_off"] == 0
-    assert s["loads_with_datasets"]
+    assert s["rows_loaded_by_datasets"] == s["images"]
     r = built["released"].set_index("row_id").loc[row]
     assert r["refilled"] and r["seed_used"] == 777 and r["finetune_similarity"] == 0.1
     folder = tmp_path / "release" / release.NAME / "train"
@@ -194,4 +194,4 @@ def test_a_refilled_row_of_a_fully_audited_set_drops_the_audit_calls(tmp_path, r
     released = built["released"].set_index("row_id")
     assert released.loc[row, "finetune_same_paper"] is None
     assert not released.loc["awe|White|male|adult", "finetune_same_paper"]
-    assert built["summary"]["loads_with_datasets"]
+    assert built["summary"]["rows_loaded_by_datasets"] == built["summary"]["images"]

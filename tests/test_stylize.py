@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +13,7 @@ import torch
 from PIL import Image
 
 from geneava import config, identity, models, stylize
-from tests.conftest import write_generated
+from tests.conftest import kill_when, tree_files, write_generated
 
 
 def _portrait(face: Image.Image, size: int = 256, at: tuple[int, int] = (48, 40)) -> Image.Image:
@@ -205,3 +209,33 @@ def test_derived_expression_check_separates_own_avatars_from_other_expressions(d
     cartoon = stylize.derive_expression_threshold(stylize.Cartoon(), encoder, 20, 64)
     assert cartoon["mean_distance_same"] < cartoon["mean_distance_different"]
     assert 0.5 < cartoon["accuracy"] <= 1.0
+
+
+def test_sigkill_during_stylization_then_resume_is_bit_identical(people, tmp_path, default):
+    faces = [_portrait(p).resize((64, 64)) for p in people] * 3  # a few dozen faces, one at a time
+    gen = write_generated(tmp_path / "generate", faces, "joy")
+    args = {
+        "model_params": default["models"],
+        "prompt_params": default["prompts"],
+        "params": {**default["stylize"], "include": "all", "batch_size": 1},
+        "generate_dir": str(gen),
+    }
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, sys\nfrom pathlib import Path\nfrom geneava import stylize\n"
+        "a = json.loads(Path(sys.argv[1]).read_text())\n"
+        "stylize.stylize(a['model_params'], a['prompt_params'], a['params'], Path(a['generate_dir']), "
+        "Path(sys.argv[2]))\n"
+    )
+    (tmp_path / "args.json").write_text(json.dumps(args))
+
+    def cmd(out):
+        return [sys.executable, str(script), str(tmp_path / "args.json"), str(out)]
+
+    subprocess.run(cmd(tmp_path / "whole"), check=True, capture_output=True)
+    for n in (3, len(faces) // 2):
+        out = tmp_path / f"killed-{n}"
+        done = lambda out=out, n=n: len(list((out / "avatars").rglob("*.json"))) >= n  # noqa: E731
+        assert kill_when(cmd(out), done), "the run ended before the kill"
+        subprocess.run(cmd(out), check=True, capture_output=True)
+        assert tree_files(out) == tree_files(tmp_path / "whole")

@@ -21,8 +21,11 @@ def test_prompt_words_are_single_tokens(tok, params):
 
 def test_any_text_encodes_without_unknowns(tok):
     ids = tok("Zebra größe 42 ✓", add_special_tokens=False).input_ids
-    assert ids and tok.unk_token_id not in ids or tok.unk_token_id == tok.eos_token_id
-    assert tok.decode(ids) == "zebra größe 4 2 ✓" or "zebra" in tok.decode(ids)
+    # byte-level BPE: every character has a token, so neither <|endoftext|> (unk and eos alike in
+    # transformers 5) nor anything else stands in for a character
+    assert ids and tok.unk_token_id not in ids
+    # CLIP's normalisation lower-cases and splits digits; nothing else is lost
+    assert tok.decode(ids) == "zebra größe 4 2 ✓"
 
 
 def test_deterministic_and_round_trips(tok, params, tmp_path):
