@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # DVC stages call papermill; the kernel `geneava` runs the venv's Python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test lab lint
+.PHONY: setup repro test lab lint compare
 
 $(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "geneava needs Python 3.11 (set PYTHON=...)"'
@@ -34,6 +34,10 @@ test: setup lint
 # As root (containers often are), Jupyter refuses to start without --allow-root. LAB_ARGS: more flags.
 lab: setup
 	$(BIN)/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
+# this run's metrics against the committed reference run's (README: what reproduces, and how closely)
+compare: setup
+	$(BIN)/python -m geneava.reference compare
 
 lint: setup
 	$(BIN)/ruff check geneava tests benchmarks

@@ -115,7 +115,6 @@ def crop_faces(
 CACHE_IGNORED = {
     "models": {
         "sdxl": "renders images; the embedded files are keyed by their hashes",
-        "local_files_only": "says where weights are looked up, not which: their content is fingerprinted",
     },
     "evaluate": {
         "include": "selects images: each cache is keyed by its files' hashes",

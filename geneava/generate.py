@@ -109,9 +109,7 @@ def render(pipe, rows: pd.DataFrame, seeds: list[int], params: dict) -> list:
 IGNORED = {
     "models": {
         "expression": "POSTER is not used to render",
-        "local_files_only": "says where weights are looked up, not which: their content is fingerprinted",
     },
-    "prompts": {"caption": "captions training images; rows use the template"},
     "generate": {
         "limit": "selects rows: a row is keyed by its own prompt, seed and batch",
         "expressions": "selects rows: a row is keyed by its own prompt, seed and batch",

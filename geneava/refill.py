@@ -114,10 +114,6 @@ def expression_threshold(outputs: Path, sty_params: dict) -> float | None:
 # Parameters that cannot change a refilled row, with why; every other value of the blocks read enters
 # each row's key (geneava.resume), with its prompt, seed, first attempt and batch.
 IGNORED = {
-    "models": {
-        "local_files_only": "says where weights are looked up, not which: their content is fingerprinted"
-    },
-    "prompts": {"caption": "captions training images"},
     "generate": {
         "limit": "chooses rows upstream (generate); a row is keyed by its own prompt, seed and batch",
         "expressions": "chooses rows upstream (generate); a row is keyed by its own prompt, seed and batch",

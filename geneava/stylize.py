@@ -263,9 +263,7 @@ def stage_params(profile: str | None, params_file: Path | None = None) -> dict:
 IGNORED = {
     "models": {
         "expression": "POSTER only checks avatars (preservation), it does not make them",
-        "local_files_only": "says where weights are looked up, not which: their content is fingerprinted",
     },
-    "prompts": {"caption": "captions training images"},
     "stylize": {
         "include": "chooses which faces are stylized; an avatar is keyed by its own face",
         **{

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,11 @@ def kill_when(cmd: list[str], ready, timeout: float = 180, cwd=None, env=None) -
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=cwd, env=env
     )
     deadline = time.monotonic() + timeout
-    while proc.poll() is None and not ready() and time.monotonic() < deadline:
+    while proc.poll() is None and not ready():
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(f"kill_when: the condition never held within {timeout} s")
         time.sleep(0.005)
     if proc.poll() is not None:
         return False
@@ -155,3 +160,58 @@ def tree_files(folder: Path) -> dict[str, str]:
         for p in sorted(Path(folder).rglob("*"))
         if p.is_file()
     }
+
+
+class Reads(Mapping):
+    """A parameter block that records the keys the code under test reads, so a test can check that a
+    key listed as not affecting a stage's items (its IGNORED list) is never read on the path that makes
+    them. Reads inside `geneava.resume.settings` (which reads every key to build the key) are not
+    recorded: use `reads_outside_settings`."""
+
+    paused = False
+
+    def __init__(self, name: str, block: dict, log: set):
+        self._block, self.name, self.log = dict(block), name, log
+
+    def __getitem__(self, key):
+        if not Reads.paused:
+            self.log.add((self.name, key))
+        return self._block[key]
+
+    def __iter__(self):
+        return iter(self._block)
+
+    def __len__(self):
+        return len(self._block)
+
+
+@pytest.fixture
+def reads_outside_settings(monkeypatch):
+    """(log, wrap): wrap(name, block) gives a recording block; `log` collects (block, key) reads."""
+    from geneava import resume
+
+    log: set = set()
+    real = resume.settings
+
+    def settings(*args, **kwargs):
+        Reads.paused = True
+        try:
+            return real(*args, **kwargs)
+        finally:
+            Reads.paused = False
+
+    monkeypatch.setattr(resume, "settings", settings)
+    return log, lambda name, block: Reads(name, block, log)
+
+
+def assert_ignored_never_read(log: set, ignored: dict) -> int:
+    """No key `ignored` lists as unable to change an item (selectors aside) was read; returns how many
+    listed keys were checked."""
+    checked = 0
+    for block, keys in ignored.items():
+        for key, why in keys.items():
+            if why.startswith(("selects", "chooses")):
+                continue
+            assert (block, key) not in log, f"{block}.{key} is listed as not affecting items but is read"
+            checked += 1
+    return checked

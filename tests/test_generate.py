@@ -12,7 +12,7 @@ from geneava import generate, prompts, qc
 from geneava.faces import Face
 from geneava.io import sha256_file
 
-from .conftest import ROOT, kill_when, tree_files
+from .conftest import ROOT, assert_ignored_never_read, kill_when, tree_files
 
 
 class Passes:
@@ -242,18 +242,28 @@ def test_sigkill_at_any_point_then_resume_is_bit_identical(trained, tmp_path):
     assert report["retried_rows"] >= 3, "the kills below should land among QC retries"
 
     rng = random.Random(0)
+    early, later = rng.randint(1, 4), rng.randint(5, 9)  # drawn once: records written before the kill
     points = {
-        "early": lambda out: len(_records(out)) >= rng.randint(1, 4),
-        "later": lambda out: len(_records(out)) >= rng.randint(6, 11),
-        "waiting for a retry": lambda out: any(not r.get("done") for r in _records(out)),
-        "during a retry round": lambda out: any(len(r.get("tries", [])) >= 2 for r in _records(out)),
+        f"after {early} records": lambda out: len(_records(out)) >= early,
+        f"after {later} records": lambda out: len(_records(out)) >= later,
+        "with a row waiting for its retry": lambda out: any(not r.get("done") for r in _records(out)),
+        "inside a retry round": lambda out: any(
+            len(r.get("tries", [])) >= 2 and r.get("done") for r in _records(out)
+        ),
     }
     for name, ready in points.items():
         out = tmp_path / name.replace(" ", "-")
         cmd = _cmd(out, trained / "lora", params_file)
         assert kill_when(cmd, lambda out=out, ready=ready: ready(out)), f"{name}: the run ended first"
+        # the kill landed mid-run: no manifest yet, some rows unfinished, some finished
+        records = _records(out)
+        assert not (out / "manifest.csv").exists(), f"killed {name}: the run had finished"
+        assert any(r.get("done") for r in records) and sum(bool(r.get("done")) for r in records) < 12
+        before = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (out / "images").rglob("*.json")}
         subprocess.run(cmd, check=True, capture_output=True)
         assert tree_files(out) == reference, f"killed {name}: the resumed run differs"
+        kept = [p for p, stamp in before.items() if (p.stat().st_mtime_ns, p.stat().st_ino) == stamp]
+        assert kept, f"killed {name}: the resumed run made everything again instead of resuming"
 
 
 def test_a_write_cut_short_is_swept_and_made_again(default, trained, tmp_path):
@@ -309,7 +319,24 @@ def test_parameters_listed_as_ignored_do_not_change_images(default, trained, tmp
             other = _gen(changed, tmp_path / f"{block}-{key}", trained / "lora", limit=2)
             assert other["sha256"].tolist() == base["sha256"].tolist(), f"{block}.{key} changes images"
             checked += 1
-    assert checked == 3
+    assert checked == 1
+
+
+def test_rendering_reads_no_parameter_listed_as_ignored(default, trained, tmp_path, reads_outside_settings):
+    """The render path (generate() itself, with QC) never reads a key generate.IGNORED lists as unable to
+    change an image: so leaving it out of the key cannot leave a stale image."""
+    log, wrap = reads_outside_settings
+    p = {**default["generate"], "limit": 2, "steps": 1, "qc": True}
+    generate.generate(
+        wrap("models", default["models"]),
+        wrap("prompts", default["prompts"]),
+        wrap("generate", p),
+        tmp_path,
+        trained / "lora",
+        Passes(),
+    )
+    assert {("generate", "steps"), ("generate", "qc_border"), ("models", "sdxl")} <= log  # it does record
+    assert assert_ignored_never_read(log, generate.IGNORED) == 2
 
 
 @pytest.mark.e2e

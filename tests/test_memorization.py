@@ -240,4 +240,9 @@ def test_a_failed_derivation_is_reported_not_a_crash(planted, default):
     )
     assert out["metrics"]["derived"]["threshold"] is None
     assert out["report"]["rules"]["derived"].startswith("not available: need labelled pairs of both kinds")
-    assert out["metrics"]["removal_rule"] == "paper"
+    # the audit went on under the paper's rule: its removal list is exactly the faces above 0.68
+    removal = pd.read_csv(tmp / "out2" / "removal.csv")
+    nn = out["nearest"]
+    above = {r for s in ("finetune", "reference") for r in nn.loc[nn[f"{s}_similarity"] > 0.68, "row_id"]}
+    assert set(removal["row_id"]) == above and set(removal["rule"]) <= {"paper"}
+    assert out["metrics"]["removed_images"] == len(above)

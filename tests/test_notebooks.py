@@ -99,22 +99,26 @@ def test_make_lab_starts_jupyterlab_as_this_user():
     port = _free_port()
     args = f"LAB_ARGS=--no-browser --port={port} --ServerApp.port_retries=0 --ServerApp.token=geneava-test"
     proc = subprocess.Popen(
-        ["make", "-s", "lab", args],
+        ["make", "-s", "-o", ".venv/.installed", "lab", args],  # -o: never reinstall the environment here
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
     seen, deadline = [], time.monotonic() + 120
     try:
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if f":{port}/lab" in line:
-                break
+        while time.monotonic() < deadline and not any(f":{port}/lab" in x for x in seen):
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                if proc.poll() is not None:
+                    break
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

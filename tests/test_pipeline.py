@@ -298,12 +298,14 @@ def test_a_notebook_run_from_the_root_gives_what_the_stage_gave_in_notebooks(
     )
     mine, dvc = out, clone / "outputs" / stage
     for name in ("metrics.json", "report.json"):
-        if (dvc / name).exists():
-            assert json.loads((mine / name).read_text()) == json.loads((dvc / name).read_text()), name
+        assert (dvc / name).is_file() and (mine / name).is_file(), name
+        assert json.loads((mine / name).read_text()) == json.loads((dvc / name).read_text()), name
     if stage == "prepare":
         assert (mine / "data/manifest.csv").read_bytes() == (dvc / "data/manifest.csv").read_bytes()
     if stage == "evaluate":
         assert (mine / "table1.md").read_text() == (dvc / "table1.md").read_text()
+    if stage == "memorization":
+        assert (mine / "removal.csv").read_bytes() == (dvc / "removal.csv").read_bytes()
 
 
 def test_every_local_weight_of_either_profile_is_a_dependency_of_the_stages_that_read_it(params):
@@ -340,3 +342,18 @@ def test_every_local_weight_of_either_profile_is_a_dependency_of_the_stages_that
                 )
                 checked += 1
     assert checked > 20
+
+
+def test_outputs_are_readable_by_other_users(clone):
+    """Files 0666 and folders 0777 less the umask (0644/0755 under 022): a web server or a colleague can
+    read the release and the HIT pages; nothing is left private by mkstemp/mkdtemp."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    private = [
+        str(p.relative_to(clone))
+        for p in (clone / "outputs").rglob("*")
+        if not p.is_symlink() and p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~mask
+    ]
+    assert not private, private[:10]

@@ -14,7 +14,7 @@ import pytest
 from geneava import generate, prompts, refill, stylize
 from geneava.io import write_csv, write_json
 
-from .conftest import ROOT, kill_when, tree_files
+from .conftest import ROOT, assert_ignored_never_read, kill_when, tree_files
 from .test_generate import FailsFirst, Passes
 
 
@@ -167,5 +167,27 @@ def test_sigkill_during_refill_then_resume_is_bit_identical(default, outputs, tm
     killed = tmp_path / "killed"
     done = lambda: len(list((killed / "records").rglob("*.json"))) >= 1  # noqa: E731
     assert kill_when(cmd(killed), done, env=env, cwd=ROOT), "the run ended before the kill"
+    assert not (killed / "manifest.csv").exists(), "the kill came after the last row"
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (killed / "records").rglob("*.json")}
     subprocess.run(cmd(killed), check=True, capture_output=True, env=env, cwd=ROOT)
     assert tree_files(killed) == tree_files(tmp_path / "whole")
+    assert all((p.stat().st_mtime_ns, p.stat().st_ino) == stamp for p, stamp in before.items())
+
+
+def test_refilling_reads_no_parameter_listed_as_ignored(default, outputs, tmp_path, reads_outside_settings):
+    log, wrap = reads_outside_settings
+    out, _ = outputs
+    refill.refill(
+        wrap("models", default["models"]),
+        wrap("prompts", default["prompts"]),
+        wrap("generate", {**default["generate"], "steps": 2, "batch_size": 4}),
+        wrap("stylize", {**default["stylize"], "stylizer": "passthrough", "expression_level": "class"}),
+        wrap("memorization", {**default["memorization"], "threshold": 0.999}),
+        wrap("refill", {**default["refill"], "max_attempts": 1}),
+        out,
+        tmp_path / "refill",
+        out.parent,
+        detector=Passes(),
+    )
+    assert {("generate", "steps"), ("stylize", "stylizer"), ("refill", "max_attempts")} <= log
+    assert assert_ignored_never_read(log, refill.IGNORED) == 2  # num_processes, max_retries

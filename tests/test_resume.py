@@ -82,7 +82,8 @@ def test_rounds_retry_failing_items_and_give_up_after_the_last(tmp_path):
 def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, kill_after):
     whole = tmp_path / "whole"
     whole.mkdir()
-    _run(whole, Renderer(FAILS))
+    full = Renderer(FAILS)
+    _run(whole, full)
     killed = tmp_path / "killed"
     killed.mkdir()
     with pytest.raises(Killed):
@@ -90,7 +91,7 @@ def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, kil
     again = Renderer(FAILS)
     _run(killed, again)
     assert _outputs(killed) == _outputs(whole)  # the retry batches were rebuilt as they were
-    assert len(again.batches) < 6  # and only what was missing was made again
+    assert again.batches == full.batches[kill_after:]  # and exactly what was missing was made
 
 
 def test_a_kill_between_an_items_file_and_its_record_is_made_again(tmp_path):
@@ -142,25 +143,34 @@ def test_independent_items_are_redone_alone(tmp_path):
 
 
 def test_two_processes_make_the_batches_one_makes(tmp_path):
+    import threading
+
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    _run(one, Renderer(FAILS))
-    # two "processes" in turn, each its half of every round's batches, a barrier between rounds
-    import threading
+    single = Renderer(FAILS)
+    _run(one, single)
+    # two "processes" at once, each its share of every round's batches, a barrier between rounds
+    barrier = threading.Barrier(2, timeout=30)
+    renderers, errors = [Renderer(FAILS), Renderer(FAILS)], []
 
-    barrier = threading.Barrier(2)
-    threads = [
-        threading.Thread(
-            target=_run, args=(two, Renderer(FAILS)), kwargs={"rank": r, "world": 2, "barrier": barrier.wait}
-        )
-        for r in range(2)
-    ]
+    def rank(r):
+        try:
+            _run(two, renderers[r], rank=r, world=2, barrier=barrier.wait)
+        except BaseException as e:  # surfaced below; the other rank then fails its barrier
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors, errors
     assert _outputs(two) == _outputs(one)
+    a, b = renderers[0].batches, renderers[1].batches
+    assert a and b and not {tuple(x) for x in a} & {tuple(x) for x in b}  # each batch made once
+    assert sorted(a + b) == sorted(single.batches)  # together: the single process's batches
 
 
 def test_prune_removes_outputs_of_items_no_longer_asked_for(tmp_path):
@@ -257,7 +267,8 @@ def test_every_stylize_parameter_reaches_the_avatar_keys(default, tmp_path):
         items = [
             resume.Item(i, {"face_sha256": f}, tmp_path / f"{i}.json", tmp_path) for i, f in enumerate(faces)
         ]
-        return resume.first_round_keys(items, key, b["stylize"]["batch_size"])
+        independent = b["stylize"]["stylizer"] != "sdxl_img2img"  # as the stage plans them
+        return resume.first_round_keys(items, key, b["stylize"]["batch_size"], independent)
 
     blocks = {k: dict(default[k]) for k in ("models", "prompts", "stylize")}
     _check_every_key(blocks, keys_of, stylize.IGNORED)
@@ -294,12 +305,22 @@ def test_weights_replaced_in_place_change_the_settings(tmp_path):
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"one")
     first = resume.settings({"models": {"expression": str(weights)}})
+    weights.write_bytes(b"one")
+    os.utime(weights, ns=(10**18, 10**18))  # the same bytes, touched: the same weights
+    assert resume.settings({"models": {"expression": str(weights)}}) == first
     weights.write_bytes(b"two")
-    os.utime(weights, ns=(1, 1))  # another mtime too, as a real rewrite has
+    os.utime(weights, ns=(1, 1))  # other bytes (the size is the same): other weights
     assert resume.settings({"models": {"expression": str(weights)}}) != first
 
 
 def test_records_are_json_with_their_key(tmp_path):
-    records = _run(tmp_path, Renderer({}))
+    _run(tmp_path, Renderer({}))
     on_disk = json.loads((tmp_path / "r0.json").read_text())
-    assert on_disk == records["r0"] and on_disk["key"] == resume.digest("settings", {"seed": 0})
+    batch = resume.first_round_keys(_items(tmp_path), "settings", 3)["r0"]
+    assert on_disk == {
+        "key": resume.digest("settings", {"seed": 0}),
+        "tries": [{"batch": batch, "why": ""}],
+        "done": True,
+        "try": 0,
+        "files": ["r0.out"],
+    }

@@ -81,7 +81,7 @@ def test_detector_params_take_a_checkpoint_or_a_known_name():
     with pytest.raises(config.ParamsError, match="RetinaFace checkpoint"):
         config.detector("generate.default.detector", "mtcnn")
     # the seeded untrained network at threshold 0 keeps every anchor that survives NMS: the decoding
-    # plumbing (boxes, scores, five landmarks, inside the canvas) is what is checked here
+    # plumbing (well-formed boxes, scores in descending order, five landmarks each) is what is checked
     found = faces.face_detector("tiny", threshold=0.0).detect(np.zeros((64, 64, 3), np.uint8))
     assert len(found) > 10
     for f in found:

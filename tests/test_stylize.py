@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from geneava import config, identity, models, stylize
-from tests.conftest import kill_when, tree_files, write_generated
+from tests.conftest import assert_ignored_never_read, kill_when, tree_files, write_generated
 
 
 def _portrait(face: Image.Image, size: int = 256, at: tuple[int, int] = (48, 40)) -> Image.Image:
@@ -212,7 +212,7 @@ def test_derived_expression_check_separates_own_avatars_from_other_expressions(d
 
 
 def test_sigkill_during_stylization_then_resume_is_bit_identical(people, tmp_path, default):
-    faces = [_portrait(p).resize((64, 64)) for p in people] * 3  # a few dozen faces, one at a time
+    faces = [_portrait(p).resize((64, 64)) for p in people] * 6  # several dozen faces, one at a time
     gen = write_generated(tmp_path / "generate", faces, "joy")
     args = {
         "model_params": default["models"],
@@ -237,5 +237,25 @@ def test_sigkill_during_stylization_then_resume_is_bit_identical(people, tmp_pat
         out = tmp_path / f"killed-{n}"
         done = lambda out=out, n=n: len(list((out / "avatars").rglob("*.json"))) >= n  # noqa: E731
         assert kill_when(cmd(out), done), "the run ended before the kill"
+        assert not (out / "pairs.csv").exists(), "the kill came after the last avatar"
+        before = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (out / "avatars").rglob("*.json")}
         subprocess.run(cmd(out), check=True, capture_output=True)
         assert tree_files(out) == tree_files(tmp_path / "whole")
+        kept = [p for p, stamp in before.items() if (p.stat().st_mtime_ns, p.stat().st_ino) == stamp]
+        assert len(kept) >= n - 1, "the resumed run made finished avatars again"
+
+
+def test_stylizing_reads_no_parameter_listed_as_ignored(people, tmp_path, default, reads_outside_settings):
+    """The avatar path never reads the preservation checks' keys (nor POSTER), which stylize.IGNORED
+    lists as unable to change an avatar."""
+    log, wrap = reads_outside_settings
+    gen = write_generated(tmp_path / "generate", [_portrait(p) for p in people[:2]], "joy")
+    stylize.stylize(
+        wrap("models", default["models"]),
+        wrap("prompts", default["prompts"]),
+        wrap("stylize", {**default["stylize"], "include": "all"}),
+        gen,
+        tmp_path / "out",
+    )
+    assert {("stylize", "stylizer"), ("stylize", "levels")} <= log
+    assert assert_ignored_never_read(log, stylize.IGNORED) == 7

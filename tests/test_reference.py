@@ -1,0 +1,75 @@
+"""`make compare`: this run's metrics against the committed reference run's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from geneava import reference
+
+from .conftest import ROOT
+
+
+def _root(tmp_path, ref: dict, mine: dict | None):
+    (tmp_path / "params.yaml").write_text("profile: default\n")
+    stages = {
+        "world": {"frozen": True, "metrics": [{"models/world/report.json": {"cache": False}}]},
+        "evaluate": {"metrics": [{"outputs/evaluate/metrics.json": {"cache": False}}]},
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    path = tmp_path / "reference/metrics/outputs/evaluate/metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(ref))
+    if mine is not None:
+        (tmp_path / "outputs/evaluate").mkdir(parents=True)
+        (tmp_path / "outputs/evaluate/metrics.json").write_text(json.dumps(mine))
+    return tmp_path
+
+
+REF = {"exp": {"mean": -0.8, "lo": -1.0, "hi": -0.6}, "rows": 270, "sha": "abc", "level": 0.95}
+
+
+@pytest.mark.parametrize(
+    ("mine", "verdicts", "code"),
+    [
+        (REF, {"identical"}, 0),
+        ({**REF, "exp": {"mean": -0.7, "lo": -0.9, "hi": -0.5}}, {"identical", "within CI"}, 0),
+        ({**REF, "sha": "def", "rows": 268}, {"identical", "differs (no CI)"}, 0),
+        ({**REF, "exp": {"mean": -0.5, "lo": -0.7, "hi": -0.3}}, {"identical", "outside CI"}, 1),
+        ({k: v for k, v in REF.items() if k != "rows"}, {"identical", "missing"}, 1),
+        (
+            {**REF, "exp": {"mean": -0.6, "lo": -0.8, "hi": -0.4}},
+            {"identical", "within CI"},
+            0,
+        ),  # on the edge
+        ({**REF, "new": 1}, {"identical", "new (no reference)"}, 0),
+    ],
+)
+def test_each_number_gets_its_verdict_and_the_exit_code_follows(
+    tmp_path, monkeypatch, capsys, mine, verdicts, code
+):
+    root = _root(tmp_path, REF, mine)
+    rows = reference.compare(root)
+    assert {r["verdict"] for r in rows} == verdicts
+    assert {r["file"] for r in rows} == {"outputs/evaluate/metrics.json"}  # the frozen world is left out
+    monkeypatch.setenv("GENEAVA_ROOT", str(root))
+    assert reference.main(["compare"]) == code
+    out = capsys.readouterr().out
+    assert ("FAILED" in out) == bool(code)
+
+
+def test_a_run_not_made_yet_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GENEAVA_ROOT", str(_root(tmp_path, REF, None)))
+    assert reference.main(["compare"]) == 2
+    assert "make repro" in capsys.readouterr().err
+
+
+def test_the_committed_reference_covers_every_metrics_file_of_the_pipeline():
+    files = reference.metrics_files(ROOT)
+    assert len(files) >= 8
+    for rel in files:
+        assert (ROOT / reference.REFERENCE / rel).is_file(), f"reference/metrics lacks {rel}"
+    machine = json.loads((ROOT / reference.REFERENCE / "machine.json").read_text())
+    assert machine["threads"] >= 1 and machine["date"]
