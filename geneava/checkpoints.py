@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from geneava import io
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +34,11 @@ def save(folder: Path, unet, optimizer, accelerator, state: dict, keep: int) -> 
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{state['step']:06d}"
     tmp = folder / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in folder.glob(".step-*.tmp"):  # this one, or another a killed run left half-written
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     lora = get_peft_model_state_dict(accelerator.unwrap_model(unet))
-    save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, tmp / "lora.safetensors")
+    io.save_tensors(tmp / "lora.safetensors", lora)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if accelerator.scaler is not None:
         torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geneava import io
+
 
 @dataclass(frozen=True)
 class DCTNetConfig:
@@ -196,7 +198,6 @@ def state_dict_from_graph(
 def convert(model_dir: Path, out_dir: Path) -> list[Path]:
     """`cartoon_bg.pb` and `cartoon_h.pb` -> `bg.safetensors` and `head.safetensors` (+ alpha.png)."""
     from PIL import Image
-    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +208,7 @@ def convert(model_dir: Path, out_dir: Path) -> list[Path]:
             raise FileNotFoundError(f"{path} not found: download the ModelScope model folder first (README)")
         state, cfg = state_dict_from_graph(read_graph_constants(path))
         target = out_dir / f"{name}.safetensors"
-        save_file(state, target, metadata={"config": json.dumps(asdict(cfg)), "source": graph})
+        io.save_tensors(target, state, metadata={"config": json.dumps(asdict(cfg)), "source": graph})
         written.append(target)
     alpha = Path(model_dir) / "alpha.jpg"
     if alpha.is_file():

@@ -29,7 +29,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from geneava import checkpoints, config, models, parallel, prompts
+from geneava import checkpoints, config, io, models, parallel, prompts
 from geneava.config import ParamsError
 from geneava.data import load_images, read_split
 from geneava.io import sha256_file, source_fingerprint, write_csv, write_json
@@ -139,6 +139,7 @@ def save_lora(unet, lora_dir: Path) -> Path:
     """The LoRA in diffusers' format, which stock `StableDiffusionXLPipeline.load_lora_weights` reads."""
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionXLPipeline.save_lora_weights(lora_dir, unet_lora_layers=layers, safe_serialization=True)
+    io.normal_tree(lora_dir)  # safetensors writes 0600
     return Path(lora_dir) / LORA_FILE
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -33,6 +34,17 @@ def normal_mode(path: Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
 
 
+def normal_tree(path: Path) -> None:
+    """`normal_mode` for a folder and everything in it (what a library wrote with private modes:
+    safetensors, and diffusers' `save_pretrained` through it, create files 0600)."""
+    path = Path(path)
+    normal_mode(path)
+    if path.is_dir():
+        for child in path.rglob("*"):
+            if not child.is_symlink():
+                normal_mode(child)
+
+
 def temp_dir(parent: Path, name: str) -> Path:
     """A fresh temporary folder `.<name>.*.tmp` in `parent` with normal permissions, to build an output
     aside and move it into place (os.replace); `sweep_temp` removes one a killed run left behind."""
@@ -62,11 +74,19 @@ def sweep_temp(folder: Path) -> int:
     return len(found)
 
 
+def _drop_stale_temps(path: Path) -> None:
+    """Remove the temporary files a killed writer of `path` left beside it (`.<name>.*.tmp`)."""
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+        old.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers see all or nothing. The file gets
-    the permissions the umask allows (0644 under umask 022), like any file open() creates."""
+    the permissions the umask allows (0644 under umask 022), like any file open() creates. Temporary
+    files an earlier, killed writer of the same path left are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
@@ -178,6 +198,26 @@ def load_tensors(path: Path):
         raise ValueError(f"{path} was refused: it asks the unpickler to call a blocked function ({e})") from e
 
 
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    """safetensors' `save_file`, atomically (temporary file, then rename) and with the permissions the
+    umask allows (safetensors itself creates 0600 files). Every tensor file the project writes goes here."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        normal_mode(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def cached_tensors(
     path: Path, key: dict, compute: Callable[[], dict[str, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
@@ -186,7 +226,7 @@ def cached_tensors(
     The key (JSON: file hashes, model, settings) is stored as a fingerprint in the file's metadata; a
     stale file is recomputed and replaced atomically, so a killed run never leaves half a cache."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     path = Path(path)
@@ -196,14 +236,5 @@ def cached_tensors(
                 log.info("%s: from the cache", path.name)
                 return load_file(path)
     out = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata={"fingerprint": fingerprint})
-        normal_mode(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_tensors(path, out, metadata={"fingerprint": fingerprint})
     return out

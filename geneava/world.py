@@ -39,7 +39,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 from tqdm.auto import tqdm
 
-from geneava import checkpoints, config, emo135, models, poster, prompts, retinaface, standin
+from geneava import checkpoints, config, emo135, io, models, poster, prompts, retinaface, standin
 from geneava.identity import WorldArcFace, arcface_logits
 from geneava.io import atomic_write_text, write_json
 
@@ -437,6 +437,7 @@ def _save_atomic(path: Path, save) -> None:
     if tmp.is_dir():
         shutil.rmtree(tmp)
     save(tmp)
+    io.normal_tree(tmp)  # safetensors writes 0600
     if path.is_dir():
         shutil.rmtree(path)
     tmp.replace(path)

@@ -324,3 +324,36 @@ def test_records_are_json_with_their_key(tmp_path):
         "try": 0,
         "files": ["r0.out"],
     }
+
+
+def test_an_atomic_writer_removes_what_a_killed_writer_of_the_same_file_left(tmp_path):
+    (tmp_path / ".a.png.x1y2.tmp").write_bytes(b"half")  # killed before its rename
+    (tmp_path / ".b.png.x1y2.tmp").write_bytes(b"another file's: kept until b.png is written")
+    io.atomic_write_bytes(tmp_path / "a.png", b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.png.x1y2.tmp", "a.png"]
+    (tmp_path / ".c.safetensors.k.tmp").write_bytes(b"half")
+    io.cached_tensors(tmp_path / "c.safetensors", {"k": 1}, lambda: {"t": __import__("torch").zeros(1)})
+    assert not (tmp_path / ".c.safetensors.k.tmp").exists()
+
+
+def test_tensor_files_get_the_modes_the_umask_allows(tmp_path):
+    """safetensors creates 0600 files; every tensor file the project writes is readable like open()'s."""
+    import os
+
+    import torch
+
+    old = os.umask(0o022)
+    try:
+        io.save_tensors(tmp_path / "t.safetensors", {"t": torch.zeros(2)})
+        folder = tmp_path / "lora"
+        folder.mkdir()
+        from safetensors.torch import save_file
+
+        save_file({"t": torch.zeros(1)}, folder / "w.safetensors")  # as diffusers' save_pretrained does
+        assert (folder / "w.safetensors").stat().st_mode & 0o777 == 0o600
+        io.normal_tree(folder)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (folder / "w.safetensors").stat().st_mode & 0o777 == 0o644
+    assert folder.stat().st_mode & 0o777 == 0o755
