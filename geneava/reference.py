@@ -141,12 +141,47 @@ def _machine_file() -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def update(root: Path) -> list[Path]:
+def stale_stages(root: Path) -> list[str]:
+    """The stages `dvc status` says are out of date (changed code, params, data or weights): their
+    metrics are not the current configuration's, so comparing them would say nothing."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"`dvc status` failed in {root}: {done.stderr.strip()[-500:]}")
+    return sorted(json.loads(done.stdout or "{}"))
+
+
+def _check_current(root: Path) -> None:
+    stale = stale_stages(root)
+    if stale:
+        raise StaleRun(
+            f"these stages are out of date: {', '.join(stale)}. Their metrics are not those of the current "
+            "code and params.yaml: run `make repro` first (`dvc status` lists what changed)."
+        )
+    profile = _profile(root)
+    ref_profile = _machine_file().get("profile", "default")
+    if profile != ref_profile:
+        raise StaleRun(f"the active profile is {profile!r}; the reference run's is {ref_profile!r}")
+
+
+def _profile(root: Path) -> str | None:
+    return (yaml.safe_load((root / "params.yaml").read_text()) or {}).get("profile")
+
+
+class StaleRun(RuntimeError):
+    """The outputs in the workspace are not the current configuration's."""
+
+
+def update(root: Path, repro_seconds: float | None = None) -> list[Path]:
     """Copy this run's metrics files into reference/metrics (with the machine they were made on)."""
     import datetime
 
     import torch
 
+    _check_current(root)
     copied = []
     for rel in metrics_files(root):
         src = root / rel
@@ -163,6 +198,9 @@ def update(root: Path) -> list[Path]:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
+            "profile": _profile(root),
+            # `make repro` from a fresh clone, venv included, when the maintainer timed it
+            **({"repro_seconds": round(repro_seconds)} if repro_seconds else {}),
         },
     )
     return copied
@@ -172,15 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compare this run's metrics with the reference run's.")
     parser.add_argument("command", choices=("compare", "update"))
     parser.add_argument("--all", action="store_true", help="list identical numbers too")
+    parser.add_argument(
+        "--repro-seconds", type=float, help="update: how long `make repro` took from a fresh clone"
+    )
     args = parser.parse_args(argv)
     root = config.project_root()
     try:
         if args.command == "update":
-            for path in update(root):
+            for path in update(root, args.repro_seconds):
                 print(f"reference: {path.relative_to(root)}")
             return 0
+        _check_current(root)
         rows = compare(root)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report(rows, args.all))

@@ -1,3 +1,4 @@
+import collections
 import json
 import subprocess
 import sys
@@ -124,7 +125,7 @@ def test_rows_that_never_pass_are_kept_flagged_and_reported(default, trained, tm
     assert report["kept"] == 0 and len(report["never_passed"]) == 3
 
 
-def test_manifest_resume_and_no_partialtree_files(default, trained, tmp_path):
+def test_manifest_resume_and_no_partial_files(default, trained, tmp_path):
     lora = trained / "lora"
     first = _gen(default, tmp_path, lora, limit=4, batch_size=2)
     assert len(first) == 4 and first["lora_sha256"].nunique() == 1 and first["row_id"].is_unique
@@ -251,19 +252,32 @@ def test_sigkill_at_any_point_then_resume_is_bit_identical(trained, tmp_path):
             len(r.get("tries", [])) >= 2 and r.get("done") for r in _records(out)
         ),
     }
+    reused = 0
     for name, ready in points.items():
         out = tmp_path / name.replace(" ", "-")
         cmd = _cmd(out, trained / "lora", params_file)
         assert kill_when(cmd, lambda out=out, ready=ready: ready(out)), f"{name}: the run ended first"
-        # the kill landed mid-run: no manifest yet, some rows unfinished, some finished
+        # the kill landed mid-run: no manifest yet, some rows recorded, not all of them finished
         records = _records(out)
         assert not (out / "manifest.csv").exists(), f"killed {name}: the run had finished"
-        assert any(r.get("done") for r in records) and sum(bool(r.get("done")) for r in records) < 12
+        assert records and sum(bool(r.get("done")) for r in records) < 12
         before = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (out / "images").rglob("*.json")}
         subprocess.run(cmd, check=True, capture_output=True)
         assert tree_files(out) == reference, f"killed {name}: the resumed run differs"
         kept = [p for p, stamp in before.items() if (p.stat().st_mtime_ns, p.stat().st_ino) == stamp]
-        assert kept, f"killed {name}: the resumed run made everything again instead of resuming"
+        # a first-round batch (4 rows) whose every row was recorded is reused as it is: its rows that
+        # passed QC keep their records untouched (a batch cut short is made again whole, as it must be:
+        # an image depends on its batch-mates)
+        recorded = {p: json.loads(p.read_text()) for p in before}
+        first = collections.Counter(r["tries"][0]["batch"] for r in recorded.values())
+        reusable = {
+            p
+            for p, r in recorded.items()
+            if first[r["tries"][0]["batch"]] == 4 and r["tries"][0]["why"] == ""
+        }
+        assert reusable <= set(kept), f"killed {name}: finished rows were made again"
+        reused += len(reusable)
+    assert reused, "no kill point left a finished batch: the reuse check above never ran"
 
 
 def test_a_write_cut_short_is_swept_and_made_again(default, trained, tmp_path):

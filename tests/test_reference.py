@@ -51,6 +51,7 @@ def test_each_number_gets_its_verdict_and_the_exit_code_follows(
     tmp_path, monkeypatch, capsys, mine, verdicts, code
 ):
     root = _root(tmp_path, REF, mine)
+    monkeypatch.setattr(reference, "stale_stages", lambda root: [])
     rows = reference.compare(root)
     assert {r["verdict"] for r in rows} == verdicts
     assert {r["file"] for r in rows} == {"outputs/evaluate/metrics.json"}  # the frozen world is left out
@@ -61,6 +62,7 @@ def test_each_number_gets_its_verdict_and_the_exit_code_follows(
 
 
 def test_a_run_not_made_yet_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(reference, "stale_stages", lambda root: [])
     monkeypatch.setenv("GENEAVA_ROOT", str(_root(tmp_path, REF, None)))
     assert reference.main(["compare"]) == 2
     assert "make repro" in capsys.readouterr().err
@@ -73,3 +75,34 @@ def test_the_committed_reference_covers_every_metrics_file_of_the_pipeline():
         assert (ROOT / reference.REFERENCE / rel).is_file(), f"reference/metrics lacks {rel}"
     machine = json.loads((ROOT / reference.REFERENCE / "machine.json").read_text())
     assert machine["threads"] >= 1 and machine["date"]
+
+
+def test_outputs_of_another_configuration_are_not_compared(tmp_path, monkeypatch, capsys):
+    """Stale stages (`dvc status`) or another profile: the metrics on disk are not the current
+    configuration's, so the comparison refuses instead of judging them."""
+    root = _root(tmp_path, REF, REF)
+    monkeypatch.setenv("GENEAVA_ROOT", str(root))
+    monkeypatch.setattr(reference, "stale_stages", lambda root: ["evaluate", "generate"])
+    assert reference.main(["compare"]) == 2
+    assert "evaluate, generate" in capsys.readouterr().err
+    monkeypatch.setattr(reference, "stale_stages", lambda root: [])
+    assert reference.main(["compare"]) == 0
+    (root / "params.yaml").write_text("profile: paper\n")
+    assert reference.main(["compare"]) == 2
+    assert "'paper'" in capsys.readouterr().err
+
+
+def test_stale_stages_asks_dvc(tmp_path):
+    """A real DVC project with one stage whose dependency changed after it ran."""
+    import subprocess
+    import sys
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "in.txt").write_text("a")
+    stage = {"cmd": "cp in.txt out.txt", "deps": ["in.txt"], "outs": [{"out.txt": {"cache": False}}]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"copy": stage}}))
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=tmp_path, check=True)
+    assert reference.stale_stages(tmp_path) == []
+    (tmp_path / "in.txt").write_text("b")
+    assert reference.stale_stages(tmp_path) == ["copy"]
