@@ -417,7 +417,7 @@ def validate(params: dict) -> dict:
     if params is None:
         raise ParamsError(
             "params.yaml is empty: restore it (`git checkout params.yaml`) or write its sections back "
-            "(docs in the README)"
+            "(docs/profiles.md)"
         )
     if not isinstance(params, dict):
         raise ParamsError("params.yaml must be a mapping of sections")

@@ -205,7 +205,9 @@ def convert(model_dir: Path, out_dir: Path) -> list[Path]:
     for graph, name in (("cartoon_bg.pb", "bg"), ("cartoon_h.pb", "head")):
         path = Path(model_dir) / graph
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: download the ModelScope model folder first (README)")
+            raise FileNotFoundError(
+                f"{path} not found: download the ModelScope model folder first (docs/stages/stylize.md)"
+            )
         state, cfg = state_dict_from_graph(read_graph_constants(path))
         target = out_dir / f"{name}.safetensors"
         io.save_tensors(target, state, metadata={"config": json.dumps(asdict(cfg)), "source": graph})

@@ -197,7 +197,7 @@ def expression_encoder(source: str, seed: int = 0) -> torch.nn.Module:
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# The paper names neither variant; these are ours (README): CLIP ViT-L/14 and DINOv2 ViT-B/14.
+# The paper names neither variant; ours (docs/stages/evaluate.md): CLIP ViT-L/14 and DINOv2 ViT-B/14.
 REAL_ENCODERS = {"clip": "openai/clip-vit-large-patch14", "dino": "facebook/dinov2-base"}
 TINY_VIT = dict(
     hidden_size=32,

@@ -5,6 +5,7 @@ The reference run's metrics files (every stage's DVC metrics, as `make repro` wr
 
     python -m geneava.reference compare     # (make compare) after make repro: exit 1 when a number is off
     python -m geneava.reference update      # maintainers: copy this run's metrics in as the new reference
+                                            # (and regenerate docs/results.md from them)
 
 How closely a run reproduces the reference:
 - on the same machine with the same number of threads, every number is identical (the code seeds every
@@ -219,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "update":
             for path in update(root, args.repro_seconds):
                 print(f"reference: {path.relative_to(root)}")
-            return 0
+            from geneava import results
+
+            return results.main([])  # docs/results.md follows the new reference
         _check_current(root)
         rows = compare(root)
     except (FileNotFoundError, RuntimeError) as e:

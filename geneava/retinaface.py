@@ -264,7 +264,7 @@ def load(path: str | Path) -> RetinaFace:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: the world's detector is trained by the world stage (models/world), or "
-            "download mobilenet0.25_Final.pth of biubug6/Pytorch_Retinaface (see README)"
+            "download mobilenet0.25_Final.pth of biubug6/Pytorch_Retinaface (see docs/stages/prepare.md)"
         )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file

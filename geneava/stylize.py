@@ -55,7 +55,8 @@ class Cartoon:
     bands, hue and chroma kept, as in Winnemöller et al.'s video abstraction) or the colours
     (`"colors"`, median cut to `colors`). The median cut shares its few colours over skin, hair, shirt
     and background, so mid skin tones snap to a neighbour's: on the world's faces it kept identity
-    for 79% (Middle Eastern 57%), tone bands for 99% (README). The edge threshold's offset (8 grey
+    for 79% (Middle Eastern 57%) in an early run; tone bands keep far more (the current share is
+    `identity_kept_share` in the stage's metrics, docs/results.md). The edge threshold's offset (8 grey
     levels) draws outlines on strong edges only: at 4 it also outlined shading and wrinkles, ringed the
     eyes and read as another expression to POSTER (mean distance 7.5 vs 5.2; seniors' 9.8 vs 6.6)."""
 
@@ -139,7 +140,8 @@ class DCTNet:
                 if not (folder / f).is_file():
                     raise FileNotFoundError(
                         f"{folder / f} not found: convert DCT-Net's graphs first "
-                        "(python -m geneava.dctnet convert <modelscope folder> <folder>; see README)"
+                        "(python -m geneava.dctnet convert <modelscope folder> <folder>; "
+                        "see docs/stages/stylize.md)"
                     )
             self.bg = dctnet.load_generator(folder / "bg.safetensors")
             self.head = dctnet.load_generator(folder / "head.safetensors")

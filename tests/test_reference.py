@@ -106,3 +106,51 @@ def test_stale_stages_asks_dvc(tmp_path):
     assert reference.stale_stages(tmp_path) == []
     (tmp_path / "in.txt").write_text("b")
     assert reference.stale_stages(tmp_path) == ["copy"]
+
+
+def test_the_results_page_is_what_the_committed_metrics_give():
+    """docs/results.md is generated; editing it by hand or updating the metrics without it fails here."""
+    from geneava import results
+
+    assert (ROOT / results.PAGE).read_text() == results.render(ROOT)
+    readme = (ROOT / "README.md").read_text()
+    assert results.with_block(readme, results.readme_block(ROOT)) == readme
+    assert "Exp ↓" in readme  # the block is filled, not just marked
+
+
+def test_the_readme_block_is_replaced_between_its_markers_only():
+    from geneava import results
+
+    text = f"intro\n{results.BEGIN} (note) -->\nold table\n{results.END}\noutro\n"
+    want = f"intro\n{results.BEGIN} (note) -->\nnew\n{results.END}\noutro\n"
+    assert results.with_block(text, "new") == want
+    with pytest.raises(KeyError, match="markers"):
+        results.with_block("no markers", "new")
+
+
+def test_the_results_page_follows_every_metrics_file(tmp_path):
+    """Changed numbers in any stage's metrics change the page (nothing on it is typed in)."""
+    import shutil
+
+    from geneava import results
+
+    shutil.copytree(ROOT / reference.REFERENCE, tmp_path / reference.REFERENCE)
+    (tmp_path / results.WORLD_REPORT).parent.mkdir(parents=True)
+    shutil.copy(ROOT / results.WORLD_REPORT, tmp_path / results.WORLD_REPORT)
+
+    def bumped(node):
+        if isinstance(node, dict):
+            return {k: bumped(v) for k, v in node.items()}
+        if isinstance(node, (int, float)) and not isinstance(node, bool):
+            return node + 7
+        return node
+
+    before = results.render(tmp_path)
+    files = sorted((tmp_path / reference.REFERENCE / "outputs").rglob("*.json"))
+    assert len(files) >= 8
+    for path in [*files, tmp_path / results.WORLD_REPORT]:
+        original = path.read_text()
+        path.write_text(json.dumps(bumped(json.loads(original))))
+        assert results.render(tmp_path) != before, f"{path.relative_to(tmp_path)} is not on the page"
+        path.write_text(original)
+    assert results.render(tmp_path) == before
