@@ -56,6 +56,17 @@ def _status(cwd) -> set[str]:
     return set(json.loads(out or "{}"))
 
 
+def _pinned(cwd: Path) -> dict:
+    """dvc.lock's output hashes, executed notebooks aside (papermill stamps times into them)."""
+    lock = yaml.safe_load((cwd / "dvc.lock").read_text())["stages"]
+    return {
+        (name, o["path"]): o.get("md5") or o.get("hash")
+        for name, stage in lock.items()
+        for o in stage.get("outs", [])
+        if not o["path"].endswith(".ipynb")
+    }
+
+
 def _edit(cwd: Path, path: tuple, value):
     text = (cwd / "params.yaml").read_text()
     raw = yaml.safe_load(text)
@@ -218,6 +229,7 @@ def test_repro_after_a_change_reruns_that_stage_and_what_follows(clone):
     which DVC keeps out of its run cache) and give the pinned results: `dvc status` is clean. (Which stages
     a change in any other parameter marks is test_a_param_change_marks_only_its_stages; rerunning
     finetune and generate is left to their own tests, as it takes most of a repro.)"""
+    pinned = _pinned(clone)
     original = _edit(clone, ("memorization", "default", "threshold"), 0.7)
     try:
         assert _ran(_run([BIN / "dvc", "repro"], clone).stdout) == {"memorization", "refill"}
@@ -226,9 +238,11 @@ def test_repro_after_a_change_reruns_that_stage_and_what_follows(clone):
         (clone / "params.yaml").write_text(original)
     assert _ran(_run([BIN / "dvc", "repro"], clone).stdout) == {"memorization", "refill"}
     assert _status(clone) == set()
+    assert _pinned(clone) == pinned  # the same outputs, byte for byte
 
 
 def test_bad_param_fails_before_any_model_is_built(clone):
+    pinned = _pinned(clone)
     original = _edit(clone, ("finetune", "default", "lr"), -1.0)
     try:
         done = _run([BIN / "dvc", "repro"], clone, check=False)
@@ -242,7 +256,7 @@ def test_bad_param_fails_before_any_model_is_built(clone):
     # them again from the last checkpoint, the LoRA is the same bytes, and nothing downstream reruns
     ran = _ran(_run([BIN / "dvc", "repro"], clone).stdout)
     assert ran == {"finetune"}
-    assert _status(clone) == set()
+    assert _status(clone) == set() and _pinned(clone) == pinned
 
 
 @pytest.mark.parametrize(

@@ -90,6 +90,11 @@ def test_outputs_of_another_configuration_are_not_compared(tmp_path, monkeypatch
     (root / "params.yaml").write_text("profile: paper\n")
     assert reference.main(["compare"]) == 2
     assert "'paper'" in capsys.readouterr().err
+    # the reference records its profile: a paper-profile reference does not judge a default run
+    (root / "params.yaml").write_text("profile: default\n")
+    (root / reference.REFERENCE / "machine.json").write_text(json.dumps({"profile": "paper"}))
+    assert reference.main(["compare"]) == 2
+    assert "reference run's is 'paper'" in capsys.readouterr().err
 
 
 def test_stale_stages_asks_dvc(tmp_path):
@@ -128,8 +133,70 @@ def test_the_readme_block_is_replaced_between_its_markers_only():
         results.with_block("no markers", "new")
 
 
-def test_the_results_page_follows_every_metrics_file(tmp_path):
-    """Changed numbers in any stage's metrics change the page (nothing on it is typed in)."""
+SHOWN = [  # every number docs/results.md states, as file:key patterns (fnmatch)
+    "evaluate/metrics.json:per_class_pairs.*.*.*",
+    "evaluate/metrics.json:recognition.*.*",
+    "evaluate/metrics.json:recognition.chance",
+    "evaluate/metrics.json:classes",
+    "ablation/metrics.json:vs_*.*.*",
+    "ablation/metrics.json:recognition.vs_*.*",
+    "ablation/metrics.json:alpha",
+    "finetune/metrics.json:steps",
+    "finetune/metrics.json:images",
+    "finetune/metrics.json:final_loss",
+    "finetune/metrics.json:mean_loss_*_last_epoch",
+    "generate/metrics.json:*.kept",
+    "generate/metrics.json:*.rows",
+    "generate/metrics.json:*.retried_rows",
+    "generate/metrics.json:*.qc.face too close",
+    "prepare/metrics.json:*",
+    "memorization/metrics.json:removed_images",
+    "memorization/metrics.json:generated_images",
+    "memorization/metrics.json:threshold",
+    "memorization/metrics.json:*.same_paper",
+    "memorization/metrics.json:*.same_derived",
+    "memorization/metrics.json:derived.threshold",
+    "memorization/metrics.json:excess_over_reference.difference.*",
+    "stylize/metrics.json:pairs",
+    "stylize/metrics.json:*_share",
+    "stylize/metrics.json:identity_similarity_mean",
+    "stylize/metrics.json:flagged",
+    "refill/report.json:rows_excluded",
+    "refill/report.json:refilled",
+    "refill/report.json:attempts_rendered",
+    "refill/report.json:given_up",
+    "refill/report.json:by_reason.*",
+    "release/metrics.json:images",
+    "release/metrics.json:cells",
+    "release/metrics.json:cells_off",
+    "world:vae.images",
+    "world:vae.heldout_psnr_db",
+    "world:base.*",
+    "world:expression.images",
+    "world:expression.*accuracy",
+    "world:expression.chance",
+    "world:identity.people",
+    "world:identity.*_rate",
+    "world:identity.threshold",
+    "world:detector.images",
+    "world:detector.faces",
+    "world:detector.heldout_recall",
+    "world:detector.right_count_share",
+]
+
+
+def _leaves(node, prefix=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*prefix, k))
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield prefix
+
+
+def test_the_results_page_shows_each_number_from_its_metrics_file(tmp_path):
+    """Each number the page states changes with its own metrics leaf, one leaf at a time (nothing on the
+    page is typed in, and no number is read from the wrong key)."""
+    import fnmatch
     import shutil
 
     from geneava import results
@@ -137,20 +204,29 @@ def test_the_results_page_follows_every_metrics_file(tmp_path):
     shutil.copytree(ROOT / reference.REFERENCE, tmp_path / reference.REFERENCE)
     (tmp_path / results.WORLD_REPORT).parent.mkdir(parents=True)
     shutil.copy(ROOT / results.WORLD_REPORT, tmp_path / results.WORLD_REPORT)
-
-    def bumped(node):
-        if isinstance(node, dict):
-            return {k: bumped(v) for k, v in node.items()}
-        if isinstance(node, (int, float)) and not isinstance(node, bool):
-            return node + 7
-        return node
-
     before = results.render(tmp_path)
-    files = sorted((tmp_path / reference.REFERENCE / "outputs").rglob("*.json"))
-    assert len(files) >= 8
-    for path in [*files, tmp_path / results.WORLD_REPORT]:
+    files = {
+        str(p.relative_to(tmp_path / reference.REFERENCE / "outputs")): p
+        for p in (tmp_path / reference.REFERENCE / "outputs").rglob("*.json")
+    } | {"world": tmp_path / results.WORLD_REPORT}
+    moved, every = set(), set()
+    for name, path in files.items():
         original = path.read_text()
-        path.write_text(json.dumps(bumped(json.loads(original))))
-        assert results.render(tmp_path) != before, f"{path.relative_to(tmp_path)} is not on the page"
+        data = json.loads(original)
+        for leaf in _leaves(data):
+            every.add(f"{name}:{'.'.join(leaf)}")
+            changed = json.loads(original)
+            node = changed
+            for k in leaf[:-1]:
+                node = node[k]
+            node[leaf[-1]] = node[leaf[-1]] + 7
+            path.write_text(json.dumps(changed))
+            if results.render(tmp_path) != before:
+                moved.add(f"{name}:{'.'.join(leaf)}")
         path.write_text(original)
+    assert len(every) > 150
+    for pattern in SHOWN:
+        named = set(fnmatch.filter(every, pattern))
+        assert named, f"{pattern}: no such number in the metrics"
+        assert named <= moved, f"on the page, but the page does not follow: {sorted(named - moved)}"
     assert results.render(tmp_path) == before

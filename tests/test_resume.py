@@ -351,6 +351,7 @@ def test_tensor_files_get_the_modes_the_umask_allows(tmp_path):
 
         save_file({"t": torch.zeros(1)}, folder / "w.safetensors")  # as diffusers' save_pretrained does
         assert (folder / "w.safetensors").stat().st_mode & 0o777 == 0o600
+        folder.chmod(0o700)  # as mkdtemp leaves a folder
         io.normal_tree(folder)
     finally:
         os.umask(old)
