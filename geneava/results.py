@@ -120,7 +120,7 @@ def render(root: Path) -> str:
         "",
         f"## Ablation: α = {ab['alpha']} against α = {ab['finetune_alpha']} (same steps, prompts, seeds)",
         "",
-        "| metric | α=0 − α=1 | α=0 − baseline |",
+        "| metric | α=1 − α=0 | α=0 − baseline |",
         "|---|---|---|",
     ]
     for key, name in METRIC_NAMES.items():
@@ -173,7 +173,7 @@ def render(root: Path) -> str:
         "",
         "## The miniature world's models (`models/world/report.json`, frozen)",
         "",
-        "| model | trained on | held-out check |",
+        "| model | checked on (held out) | held-out check |",
         "|---|---|---|",
         f"| base model (VAE) | {world['vae']['images']} images | PSNR {world['vae']['heldout_psnr_db']} dB |",
         f"| base model (UNet) | {world['base']['images']} images, {world['base']['steps']} steps | "

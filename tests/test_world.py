@@ -166,7 +166,7 @@ def test_committed_encoders_tell_expressions_and_people_apart():
     enc = models.expression_encoder(str(COMMITTED / world.POSTER_FILE))
     attrs, labels = world.class_samples(2, seed=7)
     acc = world.check_expression(enc, world.render_pool(attrs, 64, "faces"), labels)
-    assert acc["heldout_accuracy"] > 5 * acc["chance"]  # 11.5% at training time; weak, see README
+    assert acc["heldout_accuracy"] > 5 * acc["chance"]  # weak: docs/world.md
     assert acc["heldout_primary_accuracy"] > 0.6
     net = identity.identity_model(str(COMMITTED / world.IDENTITY_FILE)).net
     attrs, labels = world.identity_samples(40, 3, seed=7)
