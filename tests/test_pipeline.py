@@ -249,7 +249,12 @@ def test_bad_param_fails_before_any_model_is_built(clone):
         assert done.returncode != 0
         log = done.stdout + done.stderr
         assert "finetune.default.lr" in log
-        assert "step/s" not in log  # no training step ran
+        # the executed notebook stops at the cell that reads the parameters: training never started
+        cells = json.loads((clone / "outputs/finetune/02_finetune.ipynb").read_text())["cells"]
+        code = [c for c in cells if c["cell_type"] == "code"]
+        failed = [i for i, c in enumerate(code) if any(o["output_type"] == "error" for o in c["outputs"])]
+        training = next(i for i, c in enumerate(code) if "finetune.run(" in "".join(c["source"]))
+        assert failed and failed[0] < training and code[training]["execution_count"] is None
     finally:
         (clone / "params.yaml").write_text(original)
     # DVC removed finetune's outputs before running it (its uncached metrics among them): a repro makes
