@@ -137,8 +137,8 @@ def report(rows: list[dict], everything: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _machine_file() -> dict:
-    path = config.project_root() / REFERENCE / "machine.json"
+def _machine_file(root: Path | None = None) -> dict:
+    path = (root or config.project_root()) / REFERENCE / "machine.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -163,7 +163,7 @@ def _check_current(root: Path) -> None:
             "code and params.yaml: run `make repro` first (`dvc status` lists what changed)."
         )
     profile = _profile(root)
-    ref_profile = _machine_file().get("profile", "default")
+    ref_profile = _machine_file(root).get("profile", "default")
     if profile != ref_profile:
         raise StaleRun(f"the active profile is {profile!r}; the reference run's is {ref_profile!r}")
 

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from geneava import config
+from geneava.reference import REFERENCE
 
 PAGE = Path("docs") / "results.md"
-REFERENCE = Path("reference") / "metrics"
 WORLD_REPORT = Path("models") / "world" / "report.json"
 METRIC_NAMES = {"clip": "CLIP ↑", "dino": "DINOv2 ↑", "lpips": "LPIPS ↓", "exp": "Exp ↓"}
 
