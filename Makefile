@@ -21,8 +21,8 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 repro: setup
-	$(BIN)/python -m geneava.config > /dev/null
-	$(BIN)/python -m geneava.standin --ensure data
+	$(BIN)/python -m geneava.core.config > /dev/null
+	$(BIN)/python -m geneava.world.standin --ensure data
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 	@cat outputs/evaluate/table1.md
@@ -37,7 +37,7 @@ lab: setup
 
 # this run's metrics against the committed reference run's (README: what reproduces, and how closely)
 compare: setup
-	$(BIN)/python -m geneava.reference compare
+	$(BIN)/python -m geneava.tools.reference compare
 
 lint: setup
 	$(BIN)/ruff check geneava tests benchmarks

@@ -14,7 +14,9 @@ import sys
 
 CHILD = r"""
 import json, resource, sys, time, torch
-from geneava import config, finetune, models, prompts
+from geneava.core import config, prompts
+from geneava.networks import models
+from geneava.stages import finetune
 alpha, steps, batch, res = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
 p = config.load_params()

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from geneava import config, finetune, generate, models, prompts
+from geneava.core import config, prompts
+from geneava.networks import models
+from geneava.stages import finetune, generate
 
 
 def main() -> None:

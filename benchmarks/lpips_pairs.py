@@ -13,7 +13,7 @@ import time
 import lpips
 import torch
 
-from geneava.metrics import LpipsGram
+from geneava.core.metrics import LpipsGram
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from geneava.identity import nearest
+from geneava.networks.identity import nearest
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from geneava import faces, qc
+from geneava.networks import faces
+from geneava.stages import qc
 
 
 def main() -> None:

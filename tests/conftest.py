@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from geneava import config, data, finetune, standin
-from geneava.faces import Face
+from geneava.core import config
+from geneava.networks.faces import Face
+from geneava.stages import finetune
+from geneava.stages import prepare as data
+from geneava.world import standin
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +94,7 @@ def people() -> list:
     from PIL import Image
     from skimage import data as skdata
 
-    from geneava.faces import DlibDetector, square_crop
+    from geneava.networks.faces import DlibDetector, square_crop
 
     photos = Path(importlib.util.find_spec("insightface").origin).parent / "data" / "images"
     rgb = np.asarray(Image.open(photos / "t1.jpg").convert("RGB"))
@@ -107,7 +110,7 @@ def write_generated(gen_dir: Path, images: list, expression: str = "x", qc: list
     """A generate-stage folder holding `images` as the fine-tuned variant, manifest included."""
     import pandas as pd
 
-    from geneava.io import save_png, sha256_file, write_csv
+    from geneava.core.io import save_png, sha256_file, write_csv
 
     rows = []
     for i, img in enumerate(images):
@@ -165,7 +168,7 @@ def tree_files(folder: Path) -> dict[str, str]:
 class Reads(Mapping):
     """A parameter block that records the keys the code under test reads, so a test can check that a
     key listed as not affecting a stage's items (its IGNORED list) is never read on the path that makes
-    them. Reads inside `geneava.resume.settings` (which reads every key to build the key) are not
+    them. Reads inside `geneava.core.resume.settings` (which reads every key to build the key) are not
     recorded: use `reads_outside_settings`."""
 
     paused = False
@@ -188,7 +191,7 @@ class Reads(Mapping):
 @pytest.fixture
 def reads_outside_settings(monkeypatch):
     """(log, wrap): wrap(name, block) gives a recording block; `log` collects (block, key) reads."""
-    from geneava import resume
+    from geneava.core import resume
 
     log: set = set()
     real = resume.settings

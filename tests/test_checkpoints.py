@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from geneava import poster, watermark
-from geneava.io import load_tensors
+from geneava.core.io import load_tensors
+from geneava.networks import poster, watermark
 
 
 def test_source_fingerprint_follows_the_weights_behind_a_path(tmp_path):
-    from geneava.io import source_fingerprint
+    from geneava.core.io import source_fingerprint
 
     folder = tmp_path / "sdxl"
     (folder / "unet").mkdir(parents=True)

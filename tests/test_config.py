@@ -5,8 +5,8 @@ import sys
 import pytest
 import yaml
 
-from geneava import config
-from geneava.config import ParamsError
+from geneava.core import config
+from geneava.core.config import ParamsError
 
 from .conftest import ROOT
 
@@ -116,7 +116,7 @@ def test_cli_fails_with_the_key(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(raw))
     run = subprocess.run(
-        [sys.executable, "-m", "geneava.config", "--params", str(bad)], capture_output=True, text=True
+        [sys.executable, "-m", "geneava.core.config", "--params", str(bad)], capture_output=True, text=True
     )
     assert run.returncode == 2
     assert "generate.default.guidance_scale" in run.stderr
@@ -134,7 +134,7 @@ def test_project_root_found_from_a_subfolder(monkeypatch):
     [
         ("models", "sdxl", "models/world/no_such_sdxl"),
         ("models", "expression", "models/world/no_such_poster.safetensors"),
-        ("prepare", "detector", "models/world/no_such_retinaface.safetensors"),
+        ("detector", "detector", "models/world/no_such_retinaface.safetensors"),
         ("memorization", "identity", "models/world/no_such_identity.safetensors"),
         ("evaluate", "lpips", "models/alexnet.pth"),
     ],
@@ -147,16 +147,40 @@ def test_a_model_path_that_does_not_exist_fails_validation_with_its_key(tmp_path
     with pytest.raises(ParamsError, match=rf"{section}\.default\.{key} = .*no such file or folder"):
         config.stage_params(section, path=bad)
     run = subprocess.run(
-        [sys.executable, "-m", "geneava.config", "--params", str(bad)], capture_output=True, text=True
+        [sys.executable, "-m", "geneava.core.config", "--params", str(bad)], capture_output=True, text=True
     )
     assert run.returncode == 2 and f"{section}.default.{key}" in run.stderr
+
+
+def test_one_detector_block_reaches_every_stage_that_finds_faces(tmp_path):
+    """The `detector` section is the only place a detector is named: each reader's block carries it, a
+    missing detector file stops any of them, and a detector key left in a stage's block is refused with
+    where it belongs."""
+    raw = _raw()
+    raw["detector"]["default"]["detector"] = "dlib"
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(raw))
+    for stage in config.DETECTOR_READERS:
+        assert config.stage_params(stage, path=good)["detector"] == "dlib"
+    raw["detector"]["default"]["detector"] = "models/world/no_such_retinaface.safetensors"
+    good.write_text(yaml.safe_dump(raw))
+    for stage in config.DETECTOR_READERS:
+        with pytest.raises(ParamsError, match=r"detector\.default\.detector = "):
+            config.stage_params(stage, path=good)
+    raw = _raw()
+    raw["generate"]["default"]["detector"] = "dlib"
+    good.write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        ParamsError, match="generate.default.detector .detector settings live in the `detector`"
+    ):
+        config.load_params(good)
 
 
 def test_hub_ids_and_names_are_not_paths():
     raw = config.validate(_raw())
     raw["models"]["default"]["sdxl"] = "stabilityai/stable-diffusion-xl-base-1.0"
     raw["evaluate"]["default"]["clip"] = "openai/clip-vit-large-patch14"
-    raw["prepare"]["default"]["detector"] = "auto"
+    raw["detector"]["default"]["detector"] = "auto"
     config.check_sources(raw, "default")  # no error: loaded by hub id or by name
 
 

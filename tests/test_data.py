@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from geneava import data, standin
-from geneava.faces import face_detector, square_crop
-from geneava.io import sha256_file
+from geneava.core import images
+from geneava.core.io import sha256_file
+from geneava.networks.faces import face_detector, square_crop
+from geneava.stages import prepare as data
+from geneava.world import standin
 
 from .conftest import CentreFace, WholeImage
 
@@ -230,14 +232,14 @@ def test_watermarked_images_are_dropped(emo_like, default, tmp_path):
 
 
 def test_prepare_writes_manifest_for_the_fixture(prepared):
-    ft = data.read_split(prepared, "finetune")
+    ft = images.read_split(prepared, "finetune")
     assert len(ft) == 12 and all(ft["path"].map(lambda p: p.endswith(".png")))
-    assert len(data.read_split(prepared, "eval")) == 24
+    assert len(images.read_split(prepared, "eval")) == 24
 
 
 def test_read_split_without_prepare(tmp_path):
-    with pytest.raises(data.DataError, match="run the prepare stage"):
-        data.read_split(tmp_path, "finetune")
+    with pytest.raises(FileNotFoundError, match="run the prepare stage"):
+        images.read_split(tmp_path, "finetune")
 
 
 # ----------------------------------------------------------------- real detection

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from geneava import dctnet
+from geneava.networks import dctnet
 
 
 def test_same_padding_matches_tensorflow_output_sizes():

@@ -12,9 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from geneava import evaluate, metrics, models
-from geneava.data import load_images, read_split
-from geneava.io import sha256_file, write_csv
+from geneava.core import metrics
+from geneava.core.images import load_images, read_split
+from geneava.core.io import sha256_file, write_csv
+from geneava.networks import models
+from geneava.stages import evaluate
 from tests.conftest import CentreFace, WholeImage
 
 
@@ -159,7 +161,7 @@ def test_lpips_trunk_loads_from_a_torchvision_state_dict(tmp_path):
 def test_other_variant_pairs_are_labelled_and_the_ablation_summary_reads_both(
     evaluated, prepared, default, eval_params, tmp_path
 ):
-    from geneava import ablation
+    from geneava.stages import ablation
 
     gen, out, first = evaluated
     cache = tmp_path / "embeddings"
@@ -241,7 +243,7 @@ class _Encoder(torch.nn.Module):
 
 
 def test_recognition_reads_predictions_as_primaries():
-    from geneava import emo135
+    from geneava.core import emo135
 
     fine = emo135.classes()
     by_name = {c.name: c for c in fine}
@@ -271,7 +273,7 @@ def test_primary_grid_shows_posters_verdict_under_each_face(
 ):
     import matplotlib.pyplot as plt
 
-    from geneava import emo135
+    from geneava.core import emo135
 
     gen, _, _ = evaluated
     fig = evaluate.primary_grid(

@@ -11,7 +11,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from geneava import finetune, models, prompts
+from geneava.core import prompts
+from geneava.networks import models
+from geneava.stages import finetune
 
 from .conftest import ROOT
 
@@ -126,7 +128,7 @@ def _cli(prepared, out, params_file):
     return [
         sys.executable,
         "-m",
-        "geneava.finetune",
+        "geneava.stages.finetune",
         "--prepare-dir",
         str(prepared),
         "--out-dir",

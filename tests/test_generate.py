@@ -9,9 +9,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from geneava import generate, prompts, qc
-from geneava.faces import Face
-from geneava.io import sha256_file
+from geneava.core import prompts
+from geneava.core.io import sha256_file
+from geneava.networks.faces import Face
+from geneava.stages import generate, qc
 
 from .conftest import ROOT, assert_ignored_never_read, kill_when, tree_files
 
@@ -208,7 +209,7 @@ def _cmd(out: Path, lora: Path | None, params_file: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "geneava.generate",
+        "geneava.stages.generate",
         "--out-dir",
         str(out),
         *(["--lora-dir", str(lora)] if lora else []),
@@ -356,14 +357,14 @@ def test_rendering_reads_no_parameter_listed_as_ignored(default, trained, tmp_pa
 @pytest.mark.e2e
 def test_two_process_shards_equal_a_single_process_run(trained, tmp_path, monkeypatch):
     # the environment a user has: no OMP_NUM_THREADS (accelerate would give each process one thread;
-    # geneava.parallel gives them this process's count, so the reductions, and images, are the same)
+    # geneava.core.parallel gives them this process's count, so the reductions, and images, are the same)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     single = _params_file(tmp_path, limit=8, batch_size=2)
     subprocess.run(
         [
             sys.executable,
             "-m",
-            "geneava.generate",
+            "geneava.stages.generate",
             "--out-dir",
             str(tmp_path / "one"),
             "--lora-dir",
@@ -378,8 +379,8 @@ def test_two_process_shards_equal_a_single_process_run(trained, tmp_path, monkey
     (tmp_path / "p2").mkdir()
     two = generate.run(
         None,
-        tmp_path / "two",
         trained / "lora",
+        tmp_path / "two",
         _params_file(tmp_path / "p2", limit=8, batch_size=2, num_processes=2),
     )
     assert len(two) == 8 and two["row_id"].tolist() == one["row_id"].tolist()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from geneava import metrics
+from geneava.core import metrics
 
 
 @pytest.fixture(scope="module")

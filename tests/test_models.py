@@ -2,8 +2,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from geneava import models, prompts
-from geneava.finetune import add_lora
+from geneava.core import prompts
+from geneava.networks import models
+from geneava.stages.finetune import add_lora
 
 
 @pytest.fixture(scope="module")

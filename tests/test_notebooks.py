@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -43,42 +44,101 @@ def test_every_notebook_is_a_stage():
 
 
 def _geneava_imports(source: str) -> set[str]:
-    """geneava modules a piece of code imports (anywhere, lazy imports inside functions included)."""
+    """geneava modules (dotted, e.g. geneava.core.config) a piece of code imports, anywhere (lazy imports
+    inside functions included)."""
     import ast
+
+    def is_module(name: str) -> bool:
+        return (ROOT / Path(*name.split("."))).with_suffix(".py").exists()
 
     found = set()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom) and node.module == "geneava":
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("geneava."):
-            found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("geneava"):
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                found.add(sub if is_module(sub) else node.module)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("geneava.")}
-    return found
+            found |= {a.name for a in node.names if a.name.startswith("geneava.")}
+    return {m for m in found if is_module(m)}
+
+
+def _reached(source: str) -> set[str]:
+    todo, reached = _geneava_imports(source), set()
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo |= _geneava_imports((ROOT / Path(*module.split("."))).with_suffix(".py").read_text())
+    return reached
 
 
 def test_every_stage_depends_on_every_module_it_runs():
-    """DVC reruns a stage when a dependency changes: each module the notebook reaches must be a dep."""
+    """DVC reruns a stage when a dependency changes: each module the notebook reaches must be a dep,
+    itself or through its package folder (core/ and networks/, most of which every stage runs)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        deps = {str(d) for d in stage["deps"]}
-        notebook = next(d for d in deps if d.startswith("notebooks/"))
+        deps = [Path(str(d)) for d in stage["deps"]]
+        notebook = next(str(d) for d in deps if str(d).startswith("notebooks/"))
         cells = json.loads((ROOT / notebook).read_text())["cells"]
-        todo = set().union(
-            *(_geneava_imports("".join(c["source"])) for c in cells if c["cell_type"] == "code")
-        )
-        reached = set()
-        while todo:
-            module = todo.pop()
-            if module in reached or not (ROOT / "geneava" / f"{module}.py").exists():
-                continue
-            reached.add(module)
-            todo |= _geneava_imports((ROOT / "geneava" / f"{module}.py").read_text())
-        needed = {f"geneava/{m}.py" for m in reached} | (
-            {"geneava/emo135_classes.csv"} if "emo135" in reached else set()
-        )
-        missing = sorted(needed - deps)
+        reached = _reached("\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code"))
+        needed = {Path(*m.split(".")).with_suffix(".py") for m in reached}
+        if "geneava.core.emo135" in reached:
+            needed.add(Path("geneava/core/emo135_classes.csv"))
+        missing = sorted(str(f) for f in needed if not any(f == d or d in f.parents for d in deps))
         assert not missing, f"stage {name} runs {missing} but does not depend on them"
+        assert reached, f"stage {name}: its notebook imports nothing from geneava"
+
+
+# which packages each package may import (docs/decisions.md: the layout)
+LAYERS = {
+    "core": {"core"},
+    "networks": {"core", "networks"},
+    "stages": {"core", "networks", "stages"},
+    "world": {"core", "networks", "world"},
+    "tools": {"core", "tools"},
+}
+
+
+def test_imports_point_one_way():
+    """core imports nothing else; networks only core; stages never the world (the world reaches a stage
+    only as files); only the world's own notebook and tests import the world."""
+    seen = 0
+    for package, allowed in LAYERS.items():
+        for f in sorted((ROOT / "geneava" / package).glob("*.py")):
+            used = {m.split(".")[1] for m in _geneava_imports(f.read_text())}
+            assert used <= allowed, f"{f.relative_to(ROOT)} imports {sorted(used - allowed)}"
+            seen += 1
+    assert seen == len(list((ROOT / "geneava").rglob("*.py"))) - 1  # every module but geneava/__init__
+    for nb in NOTEBOOKS:
+        if nb.name != "00_world.ipynb":
+            cells = json.loads(nb.read_text())["cells"]
+            code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+            assert not any(m.startswith("geneava.world") for m in _reached(code)), nb.name
+
+
+def test_every_stage_module_has_the_same_three_entry_points():
+    """stage_params(profile), run(profile, <input folders>..., out_dir) and main(argv), for each stage
+    of dvc.yaml; `python -m geneava.stages.<stage> --help` lists the run's folders."""
+    import importlib
+    import inspect
+    import subprocess
+    import sys
+
+    stages = [s for s in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"] if s != "world"]
+    assert len(stages) == 10
+    for name in stages:
+        module = importlib.import_module(f"geneava.stages.{name}")
+        for entry in ("stage_params", "run", "main"):
+            assert callable(getattr(module, entry, None)), f"geneava.stages.{name} has no {entry}()"
+        params = list(inspect.signature(module.run).parameters)
+        assert params[0] == "profile" and params[-2:] == ["out_dir", "params_file"], (name, params)
+        assert list(inspect.signature(module.stage_params).parameters)[0] == "profile", name
+    out = subprocess.run(
+        [sys.executable, "-m", "geneava.stages.memorization", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "--prepare-dir" in out.stdout and "--generate-dir" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "geneava.stages.release"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--outputs" in bad.stderr  # a missing folder is named
 
 
 def _free_port() -> int:

@@ -99,7 +99,7 @@ def clone(tmp_path_factory) -> Path:
     # fewer images and steps, and every image used whatever QC says
     for path, value in SMALL.items():
         _edit(dest, path, value)
-    _run([sys.executable, "-m", "geneava.standin", "--ensure", "data"], dest)
+    _run([sys.executable, "-m", "geneava.world.standin", "--ensure", "data"], dest)
     _run([BIN / "dvc", "repro"], dest)
     return dest
 
@@ -115,7 +115,7 @@ def test_repro_runs_every_stage_through_papermill(clone):
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
     # prepare ran the detector the params name (the world's trained RetinaFace) and filled every class
     report = json.loads((clone / "outputs/prepare/report.json").read_text())
-    prep = yaml.safe_load((clone / "params.yaml").read_text())["prepare"]["default"]
+    prep = yaml.safe_load((clone / "params.yaml").read_text())["detector"]["default"]
     assert report["detector"] == f"retinaface-torch ({Path(prep['detector']).name})"
     assert not report["short_classes"]
     assert report["finetune_images"] == 135 * prep["finetune_per_class"]
@@ -145,10 +145,7 @@ def test_repro_runs_every_stage_through_papermill(clone):
     memo = json.loads((clone / "outputs/memorization/metrics.json").read_text())
     assert memo["identity_model"] == "world-arcface (identity.safetensors)"
     assert memo["generated_images"] == 8 and memo["finetune"]["images"] == 135 * prep["finetune_per_class"]
-    assert (
-        memo["derived"]["pairs"]
-        == yaml.safe_load((clone / "params.yaml").read_text())["memorization"]["default"]["derive_pairs"]
-    )
+    assert memo["derived"]["pairs"] == len(pd.read_csv(clone / "data/pairs/identity.csv")) > 0
     removal = pd.read_csv(clone / "outputs/memorization/removal.csv")
     assert set(removal.columns) >= {"row_id", "file", "reference_set", "rule"}
     # every generated face has exactly one avatar, of its size
@@ -335,7 +332,8 @@ def test_every_local_weight_of_either_profile_is_a_dependency_of_the_stages_that
     """So replacing a weight file in place (a retrained world model, the paper's POSTER) reruns exactly
     the stages that read it, whichever profile is active. A stage module's IGNORED lists say which keys
     of a block it reads cannot change its outputs."""
-    from geneava import config, evaluate, generate
+    from geneava.core import config
+    from geneava.stages import evaluate, generate
 
     not_read = {"generate": generate.IGNORED, "evaluate": evaluate.CACHE_IGNORED}
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

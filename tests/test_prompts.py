@@ -1,4 +1,4 @@
-from geneava import emo135, prompts
+from geneava.core import emo135, prompts
 
 
 def test_class_list():

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from geneava import reference
+from geneava.tools import reference
 
 from .conftest import ROOT
 
@@ -115,7 +115,7 @@ def test_stale_stages_asks_dvc(tmp_path):
 
 def test_the_results_page_is_what_the_committed_metrics_give():
     """docs/results.md is generated; editing it by hand or updating the metrics without it fails here."""
-    from geneava import results
+    from geneava.tools import results
 
     assert (ROOT / results.PAGE).read_text() == results.render(ROOT)
     readme = (ROOT / "README.md").read_text()
@@ -124,7 +124,7 @@ def test_the_results_page_is_what_the_committed_metrics_give():
 
 
 def test_the_readme_block_is_replaced_between_its_markers_only():
-    from geneava import results
+    from geneava.tools import results
 
     text = f"intro\n{results.BEGIN} (note) -->\nold table\n{results.END}\noutro\n"
     want = f"intro\n{results.BEGIN} (note) -->\nnew\n{results.END}\noutro\n"
@@ -199,7 +199,7 @@ def test_the_results_page_shows_each_number_from_its_metrics_file(tmp_path):
     import fnmatch
     import shutil
 
-    from geneava import results
+    from geneava.tools import results
 
     shutil.copytree(ROOT / reference.REFERENCE, tmp_path / reference.REFERENCE)
     (tmp_path / results.WORLD_REPORT).parent.mkdir(parents=True)

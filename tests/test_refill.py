@@ -11,8 +11,9 @@ import sys
 import pandas as pd
 import pytest
 
-from geneava import generate, prompts, refill, stylize
-from geneava.io import write_csv, write_json
+from geneava.core import prompts
+from geneava.core.io import write_csv, write_json
+from geneava.stages import generate, refill, stylize
 
 from .conftest import ROOT, assert_ignored_never_read, kill_when, tree_files
 from .test_generate import FailsFirst, Passes

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from geneava import release
-from geneava.io import save_png, write_csv
+from geneava.core.io import save_png, write_csv
+from geneava.stages import release
 from tests.conftest import write_generated
 
 CELLS = [("joy", "White", g, "adult") for g in ("female", "male")] + [

@@ -1,5 +1,5 @@
-"""The one resume mechanism (geneava.resume): keys that cover every input, rounds rebuilt identically after
-a kill, temp files swept, items no longer asked for pruned; and, per stage, that every parameter changes
+"""The one resume mechanism (geneava.core.resume): keys that cover every input, rounds rebuilt identically
+after a kill, temp files swept, items no longer asked for pruned; and, per stage, that every parameter changes
 the keys of what it affects or is listed (with its reason) as not affecting it."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from geneava import generate, io, refill, resume, stylize
+from geneava.core import io, resume
+from geneava.stages import generate, refill, stylize
 
 # ----------------------------------------------------------------- the engine, with a fake renderer
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from geneava import config, faces, retinaface
+from geneava.core import config
+from geneava.networks import faces, retinaface
 
 
 def test_heads_emit_one_prediction_per_anchor_in_any_image_size():

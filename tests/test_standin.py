@@ -1,7 +1,8 @@
 import numpy as np
 import pandas as pd
 
-from geneava import emo135, standin
+from geneava.core import emo135
+from geneava.world import standin
 
 
 def test_layout_and_attributes(standin_root):

@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from geneava import config, identity, models, stylize
+from geneava.core import config
+from geneava.networks import identity, models
+from geneava.stages import stylize
 from tests.conftest import assert_ignored_never_read, kill_when, tree_files, write_generated
 
 
@@ -127,7 +129,8 @@ def test_sdxl_img2img_stylizer_runs_through_diffusers(default):
 def test_cartoon_of_a_small_face_matches_the_cartoon_of_the_large_one():
     """The cartoonizer's filters are sized for 256 px; a 64 px face (the default's) must come out like
     the 256 px cartoon brought down to 64 px, not with edges four times too wide (blackened eyes)."""
-    from geneava import emo135, standin
+    from geneava.core import emo135
+    from geneava.world import standin
 
     cartoon = stylize.Cartoon()
     for i, c in enumerate(emo135.classes()[::45]):
@@ -145,7 +148,8 @@ def test_tone_bands_keep_each_groups_skin_colour_where_the_palette_shifts_it():
     chroma. Measured on the skin of the cheek, in CIELAB a*b* (0-255 scale)."""
     import cv2
 
-    from geneava import emo135, standin
+    from geneava.core import emo135
+    from geneava.world import standin
 
     rng = np.random.default_rng(0)
     shift = {"tone": [], "colors": []}
@@ -173,7 +177,8 @@ def test_tone_bands_keep_each_groups_skin_colour_where_the_palette_shifts_it():
 
 
 def test_expression_agreement_by_primary_needs_a_135_class_encoder(people, tmp_path):
-    from geneava import emo135, poster
+    from geneava.core import emo135
+    from geneava.networks import poster
 
     paths = []
     for i, p in enumerate(people[:4]):
@@ -186,7 +191,7 @@ def test_expression_agreement_by_primary_needs_a_135_class_encoder(people, tmp_p
     # a primary groups classes: every class agreement is also a primary agreement
     assert (by_primary["expression_agrees"] >= by_class["expression_agrees"]).all()
     with torch.no_grad():
-        from geneava.data import load_images
+        from geneava.core.images import load_images
 
         pred = fine.classify(load_images([str(p) for p in paths], fine.config.image_size))[0].argmax(1)
     primary = [emo135.classes()[int(k)].primary for k in pred]
@@ -199,16 +204,27 @@ def test_expression_agreement_by_primary_needs_a_135_class_encoder(people, tmp_p
         )
 
 
-def test_derived_expression_check_separates_own_avatars_from_other_expressions(default):
+def test_derived_expression_check_separates_own_avatars_from_other_expressions(default, tmp_path):
     """The world-calibrated check: with a pass-through "stylizer" a face's own avatar is at distance 0 and
     the split is near perfect; the cartoonizer's pairs are reported with their (weaker) accuracy."""
+    from geneava.world import standin
+
+    csv = standin.write_pairs(tmp_path, identity=1, expression=20) / "expression.csv"
     encoder = models.expression_encoder(default["models"]["expression"], 0)
-    control = stylize.derive_expression_threshold(stylize.Passthrough(), encoder, 20, 64)
+    control = stylize.derive_expression_threshold(stylize.Passthrough(), encoder, csv)
     assert control["mean_distance_same"] == pytest.approx(0.0, abs=1e-6)
     assert control["accuracy"] >= 0.9 and control["threshold"] < control["mean_distance_different"]
-    cartoon = stylize.derive_expression_threshold(stylize.Cartoon(), encoder, 20, 64)
+    cartoon = stylize.derive_expression_threshold(stylize.Cartoon(), encoder, csv)
     assert cartoon["mean_distance_same"] < cartoon["mean_distance_different"]
-    assert 0.5 < cartoon["accuracy"] <= 1.0
+    assert 0.5 < cartoon["accuracy"] <= 1.0 and cartoon["pairs"] == 20
+
+
+def test_expression_pairs_file_errors_say_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="geneava.world.standin --ensure data"):
+        stylize.read_expression_pairs(tmp_path / "missing.csv")
+    (tmp_path / "p.csv").write_text("face\na.png\n")
+    with pytest.raises(ValueError, match="other"):
+        stylize.read_expression_pairs(tmp_path / "p.csv")
 
 
 def test_sigkill_during_stylization_then_resume_is_bit_identical(people, tmp_path, default):

@@ -1,8 +1,8 @@
 import pytest
 from transformers import CLIPTokenizer
 
-from geneava import emo135, prompts
-from geneava.tokenizer import train_clip_tokenizer
+from geneava.core import emo135, prompts
+from geneava.networks.tokenizer import train_clip_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_deterministic_and_round_trips(tok, params, tmp_path):
 
 
 def test_learned_merges_are_stable_and_complete():
-    from geneava.tokenizer import learn_merges
+    from geneava.networks.tokenizer import learn_merges
 
     words = [("f", "a", "c", "e</w>"), ("f", "a", "c", "t</w>"), ("a", "c", "e</w>")]
     merges = learn_merges(words)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from geneava import userstudy
+from geneava.stages import userstudy
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from geneava import config, emo135, identity, models, standin, world
+from geneava.core import config, emo135
+from geneava.networks import identity, models
+from geneava.world import standin
+from geneava.world import train as world
 
 from .conftest import ROOT
 
@@ -69,7 +72,7 @@ def test_every_phase_writes_weights_the_factory_loads(trained):
     net = identity.identity_model(str(out / world.IDENTITY_FILE))
     vec, found = net.embed(np.full((64, 64, 3), 200, np.uint8))
     assert found and vec.shape == (128,) and np.linalg.norm(vec) == pytest.approx(1, abs=1e-5)
-    from geneava import faces
+    from geneava.networks import faces
 
     # two training steps make no detector (the committed one's test checks what it finds); this one must
     # load into the same class and answer in its format: at threshold 0 every anchor's softmax score
@@ -183,7 +186,7 @@ def test_committed_detector_finds_every_groups_faces_with_their_landmarks():
     or twice on a pair."""
     from torchvision.ops import box_iou
 
-    from geneava import faces
+    from geneava.networks import faces
 
     detector = faces.face_detector(str(COMMITTED / world.DETECTOR_FILE))
     rng = np.random.default_rng(5)
@@ -216,7 +219,8 @@ def test_committed_detector_finds_every_groups_faces_with_their_landmarks():
 
 @needs_world
 def test_committed_base_model_draws_faces_a_detector_finds(prompt_params):
-    from geneava import faces, prompts
+    from geneava.core import prompts
+    from geneava.networks import faces
 
     pipe = models.sdxl_pipeline(str(COMMITTED / world.SDXL_DIR))
     rows = prompts.prompt_table(prompt_params, ["joy", "anger"]).iloc[::14].head(6)

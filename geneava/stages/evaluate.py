@@ -1,0 +1,675 @@
+"""Table 1 (paper, "Table 1"): CLIP, DINOv2, LPIPS and expression error, fine-tuned vs plain SDXL.
+
+Pairing (ours; the paper only says "average pairwise"): generated images of class c are paired with
+the Emo135 evaluation images of class c, each class's pairs are averaged, and the table reports the
+mean over classes. The all-pairs variant (every generated image with every evaluation image) is
+reported beside it. Both variants render the same prompt rows with the same seeds, so every bootstrap
+draw resamples prompt rows and evaluation images within each class, identically for both: the CI of
+the difference is paired.
+
+Each image is embedded once (CLIP, DINOv2, POSTER; cached on disk by file hash and model), and every
+statistic is a matrix product; LPIPS too (metrics.LpipsGram). For the expression metric, faces in the
+generated images are cropped with the detector first, as the evaluation images were by `prepare`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from geneava.core import cli, config, emo135, metrics, resume
+from geneava.core.images import load_images, read_split
+from geneava.core.io import atomic_write_text, cached_tensors, source_fingerprint, write_csv, write_json
+from geneava.networks import models
+from geneava.networks.faces import face_detector, square_crop
+from geneava.stages import qc
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("finetuned", "baseline")
+LABELS = {
+    "baseline": "SDXL (baseline)",
+    "finetuned": "GenEAva (fine-tuned)",
+    "alpha0": "GenEAva, α = 0 (no L_exp)",
+}
+SHORT = {"baseline": "baseline", "finetuned": "fine-tuned", "alpha0": "α = 0"}
+# metric -> (column title, True if higher is better)
+METRICS = {"clip": ("CLIP", True), "dino": ("DINO", True), "lpips": ("LPIPS", False), "exp": ("Exp.", False)}
+# ../shared/PAPER.md, Table 1 (the paper gives no confidence intervals)
+PAPER_TABLE1 = {
+    "SDXL": {"clip": 0.780, "dino": 0.738, "lpips": 0.658, "exp": 13.1},
+    "GenEAva (ours)": {"clip": 0.799, "dino": 0.742, "lpips": 0.648, "exp": 12.6},
+}
+
+
+def stage_params(profile: str | None, params_file: Path | None = None) -> dict:
+    b = config.blocks("models", "evaluate", profile=profile, path=params_file)
+    return {"model_params": b["models"], "params": b["evaluate"]}
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def generated_rows(variants: dict[str, Path] | Path, include: str) -> dict[str, pd.DataFrame]:
+    """Two variants' manifests (label -> the variant's folder; a generate-stage folder: its fine-tuned and
+    baseline), aligned on the same prompt rows, with a `use` flag per row: `kept` uses the images that
+    passed QC (the paper), `all` every rendered image."""
+    if not isinstance(variants, dict):
+        variants = {v: Path(variants) / v for v in VARIANTS}
+    out = {}
+    for v, folder in variants.items():
+        m = qc.generated(Path(folder).parent, Path(folder).name).sort_values("row_id").reset_index(drop=True)
+        m["use"] = m["kept"] if include == "kept" else True
+        out[v] = m
+    a, b = (m["row_id"].tolist() for m in out.values())
+    if a != b:
+        raise ValueError(
+            f"the {' and '.join(variants)} manifests hold different prompt rows; regenerate both "
+            "(dvc repro generate)"
+        )
+    return out
+
+
+def _image_tensor(paths: list[str]) -> torch.Tensor:
+    """Images in [-1, 1] at their own (common) size."""
+    from PIL import Image
+
+    with Image.open(paths[0]) as im:
+        size = im.size[0]
+    return load_images(paths, size)
+
+
+# ------------------------------------------------------------------ embeddings, once per image
+
+
+def crop_faces(
+    detector, margin: float | None, paths: list[str], size: int
+) -> tuple[torch.Tensor, np.ndarray]:
+    """The largest detected face of each image, cropped as `prepare` cropped the Emo135 faces (same
+    margin, same size; `margin=None` keeps whole images, as prepare then does), so both sets reach
+    POSTER alike; an image without a face is used whole and flagged. Images in [-1, 1], found flags."""
+    from PIL import Image
+
+    from geneava.core.images import load_rgb
+
+    crops, found = [], []
+    for p in paths:
+        rgb = np.asarray(load_rgb(Path(p)))
+        faces = detector.detect(rgb)
+        if faces:
+            box = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])).box
+            img = square_crop(rgb, box, margin, size)
+        else:
+            img = Image.fromarray(rgb).resize((size, size), Image.Resampling.LANCZOS)
+        crops.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
+        found.append(bool(faces))
+    return torch.stack(crops), np.array(found)
+
+
+# Parameters that cannot change a cached embedding, with why; every other value of the `models` and
+# `evaluate` blocks enters the caches' key (geneava.core.resume.settings), with the embedded files' hashes.
+CACHE_IGNORED = {
+    "models": {
+        "sdxl": "renders images; the embedded files are keyed by their hashes",
+    },
+    "evaluate": {
+        "include": "selects images: each cache is keyed by its files' hashes",
+        "n_boot": "the bootstrap, after embedding",
+        "level": "the bootstrap, after embedding",
+        "seed": "the bootstrap's seed (models are seeded by models.seed)",
+        "lpips": "LPIPS features are computed each run, not cached",
+        "lpips_size": "LPIPS features are computed each run, not cached",
+    },
+}
+
+
+class Embedder:
+    """CLIP, DINOv2 and POSTER embeddings of image files; generated faces are cropped for POSTER."""
+
+    def __init__(self, model_params: dict, params: dict, device, detector=None):
+        seed, local = model_params["seed"], model_params["local_files_only"]
+        self.device = device
+        self.clip = models.image_encoder("clip", params["clip"], seed, local)
+        self.dino = models.image_encoder("dino", params["dino"], seed, local)
+        self.clip.model.to(device)
+        self.dino.model.to(device)
+        self.expression = models.expression_encoder(model_params["expression"], seed).to(device)
+        self.detector = detector or face_detector(
+            params["detector"], params["detector_root"], params["detector_pack"]
+        )
+        self.margin, self.batch = params["crop_margin"], params["batch_size"]
+        self.settings = {
+            "clip": params["clip"],
+            "dino": params["dino"],
+            "expression": model_params["expression"],
+            "expression_weights": source_fingerprint(model_params["expression"]),
+            "detector_weights": source_fingerprint(params["detector"]),
+            "seed": seed,
+            "detector": getattr(self.detector, "name", type(self.detector).__name__),
+            "crop_margin": self.margin,
+        }
+        blocks = {"models": model_params, "evaluate": params}
+        self.cache_key = resume.settings(blocks, CACHE_IGNORED) | {"detector": self.settings["detector"]}
+
+    def crop_faces(self, paths: list[str], size: int) -> tuple[torch.Tensor, np.ndarray]:
+        return crop_faces(self.detector, self.margin, paths, size)
+
+    @torch.no_grad()
+    def embed(self, paths: list[str], crop_size: int | None, desc: str) -> dict[str, torch.Tensor]:
+        """Embeddings of image files; with `crop_size`, POSTER sees the detected face at that size."""
+        out = {"clip": [], "dino": [], "exp": [], "face_found": []}
+        for i in tqdm(range(0, len(paths), self.batch), desc=f"embed {desc}", unit="batch"):
+            chunk = paths[i : i + self.batch]
+            x = _image_tensor(chunk)
+            out["clip"].append(self.clip.embed(x))
+            out["dino"].append(self.dino.embed(x))
+            if crop_size:
+                faces, found = self.crop_faces(chunk, crop_size)
+            else:
+                faces, found = x, np.ones(len(chunk), dtype=bool)
+            out["exp"].append(self.expression.embed(faces.to(self.device)).float().cpu())
+            out["face_found"].append(torch.from_numpy(found))
+        return {k: torch.cat(v) for k, v in out.items()}
+
+
+def cached_embeddings(
+    embedder: Embedder, name: str, paths: list[str], hashes: list[str], crop_size: int | None, cache_dir: Path
+) -> dict[str, torch.Tensor]:
+    """`embedder.embed`, reused from `cache_dir/<name>.safetensors` when the files and models match."""
+    key = {"files": hashes, "crop": crop_size, **embedder.cache_key}
+    return cached_tensors(
+        Path(cache_dir) / f"{name}.safetensors", key, lambda: embedder.embed(paths, crop_size, name)
+    )
+
+
+# ------------------------------------------------------------------ pair matrices per class
+
+
+def _rows_matrix(n_rows: int, use: np.ndarray, block: torch.Tensor) -> np.ndarray:
+    """A (rows x eval) matrix with the used rows filled from `block` and the others NaN."""
+    m = np.full((n_rows, block.shape[1]), np.nan)
+    m[use] = block.numpy()
+    return m
+
+
+def class_matrices(
+    gen: dict[str, pd.DataFrame],
+    gen_emb: dict[str, dict[str, torch.Tensor]],
+    ev: pd.DataFrame,
+    ev_emb: dict[str, torch.Tensor],
+    lpips_gram: metrics.LpipsGram,
+    lpips_size: int,
+) -> tuple[list[str], dict[str, dict[str, list[np.ndarray]]], dict[str, dict[str, float]]]:
+    """Per class, per metric, per variant: the (prompt rows x evaluation images) pair matrix.
+    Also the all-pairs means (every generated image x every evaluation image)."""
+    pair_fn = {"clip": metrics.cosine_matrix, "dino": metrics.cosine_matrix, "exp": metrics.euclidean_matrix}
+    names = list(gen)
+    classes = sorted(set(gen[names[0]]["expression"]) & set(ev["expression"]))
+    mats = {m: {v: [] for v in names} for m in METRICS}
+    # all-pairs LPIPS is linear in the features: mean q(a) + mean q(b) - 2 mean(w a) . mean(b)
+    lp_sums = {v: [0.0, None, 0] for v in (*names, "eval")}
+
+    def lp_features(paths: list[str]):
+        x = load_images(paths, lpips_size)
+        return lpips_gram.features(x)
+
+    def accumulate(key: str, feats, weighted_side: bool):
+        plain, weighted = feats
+        s = lp_sums[key]
+        s[0] += float((plain * weighted).sum())
+        vec = (weighted if weighted_side else plain).sum(0)
+        s[1] = vec if s[1] is None else s[1] + vec
+        s[2] += len(plain)
+
+    ev_idx = {c: np.flatnonzero(ev["expression"].to_numpy() == c) for c in sorted(set(ev["expression"]))}
+    for c, ei in tqdm(ev_idx.items(), desc="LPIPS per class", unit="class"):
+        ev_feats = lp_features(ev["path"].iloc[ei].tolist())
+        accumulate("eval", ev_feats, weighted_side=False)
+        if c not in classes:
+            continue
+        for v in names:
+            g = gen[v]
+            rows = np.flatnonzero(g["expression"].to_numpy() == c)
+            use = g["use"].to_numpy()[rows]
+            pos = g.loc[g["use"], :].index.get_indexer(g.index[rows][use])  # row -> index in gen_emb
+            for m, fn in pair_fn.items():
+                block = fn(gen_emb[v][m][pos], ev_emb[m][ei])
+                mats[m][v].append(_rows_matrix(len(rows), use, block))
+            if use.any():
+                feats = lp_features(g["path"].iloc[rows[use]].tolist())
+                accumulate(v, feats, weighted_side=True)
+                block = metrics.LpipsGram.pairs(feats, ev_feats)
+            else:
+                block = torch.empty(0, len(ei), dtype=torch.float64)
+            mats["lpips"][v].append(_rows_matrix(len(rows), use, block))
+
+    all_pairs = {}
+    q_ev, sum_ev, n_ev = lp_sums["eval"]
+    for v in names:
+        used = gen_emb[v]
+        q_g, sum_g, n_g = lp_sums[v]
+        all_pairs[v] = {
+            "clip": metrics.block_mean(metrics.cosine_matrix, used["clip"], ev_emb["clip"]),
+            "dino": metrics.block_mean(metrics.cosine_matrix, used["dino"], ev_emb["dino"]),
+            "exp": metrics.block_mean(metrics.euclidean_matrix, used["exp"], ev_emb["exp"]),
+            # generated images of classes without evaluation images are left out of every variant
+            "lpips": q_g / n_g + q_ev / n_ev - 2 * float(sum_g @ sum_ev) / (n_g * n_ev)
+            if n_g
+            else float("nan"),
+        }
+    return classes, mats, all_pairs
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def evaluate(
+    model_params: dict,
+    params: dict,
+    prepare_dir: Path,
+    generate_dir: Path,
+    out_dir: Path,
+    detector=None,
+    variants: dict[str, Path] | None = None,
+    cache_dir: Path | None = None,
+) -> dict:
+    """Table 1 with bootstrap CIs: writes metrics.json, table1.md/.tex, per_class.csv and report.json.
+
+    `variants` (label -> generated folder, first minus second) compares other pairs, e.g. the α=0
+    ablation; by default the fine-tuned model against the baseline in `generate_dir`."""
+    out_dir = Path(out_dir)
+    device = PartialState(cpu=not torch.cuda.is_available()).device
+    variants = variants or {v: Path(generate_dir) / v for v in VARIANTS}
+    if len(variants) != 2:
+        raise ValueError(f"Table 1 compares two variants, got {list(variants)}")
+    gen = generated_rows(variants, params["include"])
+    names = list(gen)
+    ev = read_split(prepare_dir, "eval")
+    if ev.empty:
+        raise ValueError(f"{prepare_dir}: the evaluation split is empty; run the prepare stage")
+    embedder = Embedder(model_params, params, device, detector)
+    cache = Path(cache_dir) if cache_dir else out_dir / "embeddings"
+    crop_size = _image_tensor(ev["path"].iloc[:1].tolist()).shape[-1]  # prepare's image size
+    # as prepare wrote them, or (crop_eval: prepare kept whole images) cropped as the generated faces are
+    ev_crop = crop_size if params["crop_eval"] else None
+    ev_emb = cached_embeddings(embedder, "eval", ev["path"].tolist(), ev["sha256"].tolist(), ev_crop, cache)
+    gen_emb = {}
+    for v in names:
+        used = gen[v][gen[v]["use"]]
+        if used.empty:
+            raise ValueError(
+                f"no {v} image passed QC, so Table 1 has nothing to compare. Render more rows "
+                "(generate.<profile>.limit), or set evaluate.<profile>.include: all"
+            )
+        gen_emb[v] = cached_embeddings(
+            embedder, v, used["path"].tolist(), used["sha256"].tolist(), crop_size, cache
+        )
+
+    torch.manual_seed(model_params["seed"])
+    gram = metrics.LpipsGram(models.lpips_model(params["lpips"], model_params["seed"]))
+    classes, mats, all_pairs = class_matrices(gen, gen_emb, ev, ev_emb, gram, params["lpips_size"])
+    if not classes:
+        raise ValueError("no expression class has both generated and evaluation images")
+
+    table = {
+        m: metrics.class_bootstrap(mats[m], params["n_boot"], params["seed"], params["level"])
+        for m in METRICS
+    }
+    diff = f"{names[0]} - {names[1]}"
+    result = {
+        "per_class_pairs": {
+            name: {m: {k: table[m][key][k] for k in ("mean", "lo", "hi")} for m in METRICS}
+            for name, key in (*((v, v) for v in names), ("difference", diff))
+        },
+        "variants": names,
+        "all_pairs": all_pairs,
+        "classes": len(classes),
+        "level": params["level"],
+        "recognition": recognition_table(gen, gen_emb, ev, ev_emb, classes, embedder.expression, params),
+    }
+    write_json(out_dir / "metrics.json", result)
+    per_class = per_class_table(classes, mats)
+    write_csv(out_dir / "per_class.csv", per_class)
+    atomic_write_text(out_dir / "table1.md", table_markdown(result))
+    atomic_write_text(out_dir / "table1.tex", table_latex(result))
+    report = {
+        "pairing": "per expression class (generated of class c x evaluation of class c), mean over classes; "
+        "all-pairs beside it",
+        "include": params["include"],
+        "images": {v: int(gen[v]["use"].sum()) for v in names} | {"eval": len(ev)},
+        "qc_failed_but_used": {v: int((gen[v]["use"] & ~gen[v]["kept"]).sum()) for v in names},
+        "faces_not_found_for_exp": {v: int((~gen_emb[v]["face_found"]).sum()) for v in names},
+        "classes": classes,
+        "models": embedder.settings | {"lpips": params["lpips"], "lpips_size": params["lpips_size"]},
+        "bootstrap": {"n_boot": params["n_boot"], "level": params["level"], "seed": params["seed"]},
+    }
+    write_json(out_dir / "report.json", report)
+    return {"result": result, "per_class": per_class, "report": report}
+
+
+def run(
+    profile: str | None, prepare_dir: Path, generate_dir: Path, out_dir: Path, params_file: Path | None = None
+):
+    return evaluate(
+        **stage_params(profile, params_file),
+        prepare_dir=prepare_dir,
+        generate_dir=generate_dir,
+        out_dir=out_dir,
+    )
+
+
+# ------------------------------------------------------------------ tables and figures
+
+
+# ------------------------------------------------------------------ recognition
+
+# The official POSTER checkpoints for RAF-DB name its seven basic classes in RAF-DB's label order
+# (labels 1-7 of its list_patition_label.txt, minus one). Each names the Parrott primaries it fits:
+# Emo135 files disgust, contempt and revulsion under anger, and RAF-DB's happiness covers love and joy.
+RAFDB_CLASSES = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
+RAFDB_PRIMARIES = {
+    "surprise": ("surprise",),
+    "fear": ("fear",),
+    "disgust": ("anger",),
+    "happiness": ("love", "joy"),
+    "sadness": ("sadness",),
+    "anger": ("anger",),
+    "neutral": (),
+}
+
+
+def primary_compatibility(num_classes: int) -> np.ndarray | None:
+    """(num_classes x 6) bool: whether the expression encoder's class k names primary p
+    (`emo135.PRIMARY` order). A 135-class head (the world's POSTER, or one trained on Emo135) names
+    its classes' primaries; a 7-class one is read as RAF-DB's; any other head gives None."""
+    prim = list(emo135.PRIMARY)
+    if num_classes == len(emo135.classes()):
+        out = np.zeros((num_classes, len(prim)), dtype=bool)
+        out[np.arange(num_classes), [prim.index(c.primary) for c in emo135.classes()]] = True
+        return out
+    if num_classes == len(RAFDB_CLASSES):
+        return np.array([[p in RAFDB_PRIMARIES[c] for p in prim] for c in RAFDB_CLASSES])
+    return None
+
+
+def recognised(encoder, features: torch.Tensor, expressions: list[str]) -> np.ndarray | None:
+    """Per image: does the expression encoder's predicted class name the intended expression's
+    primary? From the cached POSTER features (its head is one linear layer on them), no new forward
+    pass. None when the encoder's classes cannot be read as primaries."""
+    table = primary_compatibility(encoder.config.num_classes)
+    if table is None:
+        return None
+    primary = {c.name: list(emo135.PRIMARY).index(c.primary) for c in emo135.classes()}
+    unknown = sorted(set(expressions) - set(primary))
+    if unknown:
+        raise ValueError(f"expressions outside the 135 Emo135 classes: {unknown[:5]}")
+    with torch.no_grad():
+        pred = encoder.head(features.to(next(encoder.parameters()).dtype)).argmax(1).cpu().numpy()
+    return table[pred, [primary[e] for e in expressions]]
+
+
+def recognition_table(
+    gen: dict[str, pd.DataFrame],
+    gen_emb: dict[str, dict[str, torch.Tensor]],
+    ev: pd.DataFrame,
+    ev_emb: dict[str, torch.Tensor],
+    classes: list[str],
+    encoder,
+    params: dict,
+) -> dict:
+    """Share of images whose POSTER prediction names the intended primary (one of six; chance is about
+    1/6 for a uniform guess): per class, then the mean over classes, with the same paired class
+    bootstrap as Table 1 (rows within a class resampled alike for both variants). The evaluation
+    images' share is the ceiling the encoder reaches on real faces."""
+    names = list(gen)
+    ev_ok = recognised(encoder, ev_emb["exp"], ev["expression"].tolist())
+    if ev_ok is None:
+        return {
+            "skipped": f"the expression encoder has {encoder.config.num_classes} classes: neither the 135 "
+            f"Emo135 classes nor RAF-DB's 7, so its predictions cannot be read as primaries"
+        }
+    per_variant = {}
+    for v in names:
+        g = gen[v]
+        ok = np.full(len(g), np.nan)
+        ok[g["use"].to_numpy()] = recognised(
+            encoder, gen_emb[v]["exp"], g.loc[g["use"], "expression"].tolist()
+        )
+        per_variant[v] = [ok[g["expression"].to_numpy() == c][:, None] for c in classes]
+    boot = lambda m: metrics.class_bootstrap(m, params["n_boot"], params["seed"], params["level"])  # noqa: E731
+    table = boot(per_variant)
+    evals = boot({"eval": [ev_ok[ev["expression"].to_numpy() == c][:, None].astype(float) for c in classes]})
+    keep = ("mean", "lo", "hi")
+    return {
+        **{v: {k: table[v][k] for k in keep} for v in names},
+        "difference": {k: table[f"{names[0]} - {names[1]}"][k] for k in keep},
+        "eval": {k: evals["eval"][k] for k in keep},
+        "chance": 1 / len(emo135.PRIMARY),
+        "level": "primary",
+    }
+
+
+def primary_grid(
+    model_params: dict,
+    params: dict,
+    prepare_dir: Path,
+    variants: dict[str, Path] | Path,
+    classes_per_primary: int = 2,
+    detector=None,
+    save_to: Path | None = None,
+):
+    """Faces of the intended expression, primary by primary: one column per class (the first
+    `classes_per_primary` of each primary with a prompt row every variant kept), one row for a real
+    evaluation face and one per variant (that prompt row's image). Under each face, what POSTER names
+    (as recognition reads it: the primary, or RAF-DB's class), ✓ when it fits the intended primary."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    gen = generated_rows(variants, params["include"])
+    names = list(gen)
+    ev = read_split(prepare_dir, "eval")
+    encoder = models.expression_encoder(model_params["expression"], model_params["seed"])
+    table = primary_compatibility(encoder.config.num_classes)
+    detector = detector or face_detector(params["detector"], params["detector_root"], params["detector_pack"])
+    primary_of = {c.name: c.primary for c in emo135.classes()}
+    shared = sorted(set(ev["expression"]) & set(gen[names[0]]["expression"]))
+    picked = []  # (class, real path, [each variant's path])
+    for primary in emo135.PRIMARY:
+        for c in [c for c in shared if primary_of.get(c) == primary]:
+            ok = np.logical_and.reduce([(g["use"] & (g["expression"] == c)).to_numpy() for g in gen.values()])
+            if ok.any() and sum(primary_of[k] == primary for k, *_ in picked) < classes_per_primary:
+                i = int(np.flatnonzero(ok)[0])
+                real = ev.loc[ev["expression"] == c, "path"].iloc[0]
+                picked.append((c, real, [g["path"].iloc[i] for g in gen.values()]))
+    if not picked:
+        raise ValueError("no class has a kept image in every variant and an evaluation image")
+
+    def said(paths: list[str], crop: bool) -> list[tuple[str, bool | None]]:
+        size = _image_tensor(paths[:1]).shape[-1]
+        x = crop_faces(detector, params["crop_margin"], paths, size)[0] if crop else _image_tensor(paths)
+        with torch.no_grad():
+            pred = encoder.classify(x)[0].argmax(1).tolist()
+        out = []
+        for k, c in zip(pred, (c for c, *_ in picked), strict=True):
+            if table is None:
+                out.append((f"class {k}", None))
+                continue
+            intended = emo135.PRIMARY.index(primary_of[c])
+            label = emo135.classes()[k].primary if len(table) == len(emo135.classes()) else RAFDB_CLASSES[k]
+            out.append((label, bool(table[k, intended])))
+        return out
+
+    rows = [("real (Emo135)", [r for _, r, _ in picked], params["crop_eval"])]
+    rows += [(SHORT.get(v, v), [g[j] for *_, g in picked], True) for j, v in enumerate(names)]
+    fig, axes = plt.subplots(
+        len(rows), len(picked), figsize=(1.25 * len(picked), 1.55 * len(rows)), squeeze=False
+    )
+    for i, (label, paths, crop) in enumerate(rows):
+        for j, ((name, ok), path) in enumerate(zip(said(paths, crop), paths, strict=True)):
+            ax = axes[i, j]
+            with Image.open(path) as im:
+                ax.imshow(im.convert("RGB"))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            mark = "" if ok is None else (" ✓" if ok else " ✗")
+            ax.set_xlabel(
+                f"{name}{mark}", fontsize=7, color="black" if ok is None else ("green" if ok else "red")
+            )
+            if i == 0:
+                ax.set_title(f"{picked[j][0]}\n({primary_of[picked[j][0]]})", fontsize=7)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.suptitle("Intended expression (column) and what POSTER names under each face", fontsize=9)
+    fig.tight_layout()
+    if save_to:
+        fig.savefig(save_to, dpi=120)
+    return fig
+
+
+def per_class_table(classes: list[str], mats: dict) -> pd.DataFrame:
+    """One row per class: each metric per variant and the difference (fine-tuned minus baseline)."""
+    df = pd.DataFrame({"expression": classes})
+    for m in METRICS:
+        names = list(mats[m])
+        for v in names:
+            with np.errstate(invalid="ignore"):
+                df[f"{m}_{v}"] = [np.nanmean(x) if np.isfinite(x).any() else np.nan for x in mats[m][v]]
+        df[f"{m}_difference"] = df[f"{m}_{names[0]}"] - df[f"{m}_{names[1]}"]
+    return df
+
+
+def _cell(s: dict, digits: int = 3) -> str:
+    return f"{s['mean']:.{digits}f} [{s['lo']:.{digits}f}, {s['hi']:.{digits}f}]"
+
+
+def _rows(result: dict) -> list[tuple[str, list[str]]]:
+    t = result["per_class_pairs"]
+    first, second = result.get("variants", VARIANTS)
+    name = lambda v: LABELS.get(v, v)  # noqa: E731
+    rows = [(name(v), [_cell(t[v][m]) for m in METRICS]) for v in (second, first)]
+    diff = t["difference"]  # first minus second
+    rows.append(
+        (f"Δ {SHORT.get(first, first)} − {SHORT.get(second, second)}", [_cell(diff[m], 4) for m in METRICS])
+    )
+    rows += [
+        (f"all pairs: {name(v)}", [f"{result['all_pairs'][v][m]:.3f}" for m in METRICS])
+        for v in (second, first)
+    ]
+    return rows
+
+
+def _paper(result: dict) -> list:
+    """The paper's rows, shown beside the comparison they report (fine-tuned vs baseline) only."""
+    return list(PAPER_TABLE1.items()) if tuple(result.get("variants", VARIANTS)) == VARIANTS else []
+
+
+def table_markdown(result: dict) -> str:
+    head = [f"{t} {'↑' if up else '↓'}" for t, up in METRICS.values()]
+    level = round(100 * result["level"])
+    lines = [
+        f"Table 1: mean over {result['classes']} classes of per-class pairwise means, "
+        f"[{level}% bootstrap CI].",
+        "",
+        "| Model | " + " | ".join(head) + " |",
+        "|---" * (len(head) + 1) + "|",
+    ]
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in _rows(result)]
+    lines += [f"| paper: {k} | " + " | ".join(f"{v[m]:g}" for m in METRICS) + " |" for k, v in _paper(result)]
+    return "\n".join(lines + recognition_lines(result)) + "\n"
+
+
+def recognition_lines(result: dict) -> list[str]:
+    """Table 1's companion (ours, not the paper's): how often POSTER names the intended primary."""
+    r = result.get("recognition")
+    if not r:
+        return []
+    if "skipped" in r:
+        return ["", f"Recognition not measured: {r['skipped']}."]
+    first, second = result.get("variants", VARIANTS)
+    pct = lambda s: f"{100 * s['mean']:.1f}% [{100 * s['lo']:.1f}, {100 * s['hi']:.1f}]"  # noqa: E731
+    points = lambda s: f"{100 * s['mean']:+.1f} [{100 * s['lo']:+.1f}, {100 * s['hi']:+.1f}]"  # noqa: E731
+    short = lambda v: SHORT.get(v, v)  # noqa: E731
+    return [
+        "",
+        "Recognition (↑): share of images for which POSTER names the intended primary expression (one of "
+        f"six; chance {100 * r['chance']:.0f}%), mean over classes [{round(100 * result['level'])}% CI]: "
+        f"{short(second)} {pct(r[second])}, {short(first)} {pct(r[first])}, "
+        f"Δ {short(first)} − {short(second)} {points(r['difference'])} points; "
+        f"real evaluation faces {pct(r['eval'])}.",
+    ]
+
+
+def table_latex(result: dict) -> str:
+    arrows = {True: "$\\uparrow$", False: "$\\downarrow$"}
+    head = [f"{t} {arrows[up]}" for t, up in METRICS.values()]
+    lines = [
+        "\\begin{tabular}{l" + "c" * len(head) + "}",
+        "\\toprule",
+        "Model & " + " & ".join(head) + " \\\\",
+        "\\midrule",
+    ]
+    for name, cells in _rows(result):
+        name = name.replace("Δ", "$\\Delta$").replace("−", "$-$").replace("α", "$\\alpha$")
+        lines.append(f"{name} & " + " & ".join(cells) + " \\\\")
+    lines.append("\\midrule")
+    lines += [
+        f"Paper: {k} & " + " & ".join(f"{v[m]:g}" for m in METRICS) + " \\\\" for k, v in _paper(result)
+    ]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def beside_paper(result: dict) -> pd.DataFrame:
+    """Our means next to the paper's numbers (rows: model, source; columns: metrics)."""
+    t = result["per_class_pairs"]
+    rows = []
+    for ours, theirs in (("baseline", "SDXL"), ("finetuned", "GenEAva (ours)")):
+        rows.append({"model": theirs, "source": "this run", **{m: t[ours][m]["mean"] for m in METRICS}})
+        rows.append({"model": theirs, "source": "paper", **PAPER_TABLE1[theirs]})
+    return pd.DataFrame(rows).set_index(["model", "source"])
+
+
+def plot_per_class(
+    per_class: pd.DataFrame, save_to: Path | None = None, title: str = "Fine-tuned − baseline per expression"
+):
+    """Heatmap of the per-class improvement of the fine-tuned model (positive = better), per metric
+    scaled by its largest absolute value, annotated with the raw differences."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    diff = per_class.set_index("expression")[[f"{m}_difference" for m in METRICS]]
+    diff.columns = [METRICS[m][0] for m in METRICS]
+    better = diff * [1 if up else -1 for _, up in METRICS.values()]
+    scale = better.abs().max().replace(0, 1)
+    fig, ax = plt.subplots(figsize=(6, max(3, 0.22 * len(diff) + 1.5)))
+    sns.heatmap(
+        better / scale,
+        annot=diff,
+        fmt=".3f",
+        cmap="RdBu",
+        center=0,
+        vmin=-1,
+        vmax=1,
+        ax=ax,
+        cbar_kws={"label": "improvement (scaled per metric)"},
+        annot_kws={"size": 6},
+    )
+    ax.set(title=title, xlabel="", ylabel="")
+    fig.tight_layout()
+    if save_to:
+        fig.savefig(save_to, dpi=120)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.stage_main(run, argv, __doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,448 @@
+"""Identity memorization audit (paper, "Identity memorization").
+
+Every generated face (fine-tuned model) is compared with every fine-tuning image and with a reference
+set of other people (CelebA in the paper: one random image per identity) by identity embedding; each
+generated face's nearest neighbour in each set is found by blocked matrix products. Calls of "same
+identity" are counted under every rule that applies:
+- `paper`: cosine similarity > threshold (0.68), as the paper states it;
+- `deepface`: the same number read as deepface does, a cosine *distance* (similarity >= 1 - 0.68);
+- `model`: the identity model's own rule where it has one (dlib: Euclidean distance < 0.6);
+- `derived`: a threshold found from labelled same/different pairs by the C4.5 information-gain-ratio
+  split (LightFace), when `derive` names pairs.
+Generated images called the same as anyone under `removal_rule` go to `removal.csv`, which the release
+honours; `review.csv` lists the closest pairs for a human check (the paper's 50 + 50).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from geneava.core import cli, config
+from geneava.core.images import read_split
+from geneava.core.io import atomic_write_text, cached_tensors, sha256_file, write_csv, write_json
+from geneava.networks import identity
+from geneava.stages import qc
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def stage_params(profile: str | None, params_file: Path | None = None) -> dict:
+    return config.stage_params("memorization", profile, params_file)
+
+
+# ------------------------------------------------------------------ the image sets
+
+
+def reference_set(params: dict, prepare_dir: Path, root: Path) -> tuple[pd.DataFrame, str]:
+    """The reference people: a local CelebA (one seeded random image per identity when the identity file
+    is given), or, without one, the Emo135 evaluation split. Returns (rows with `path`, description)."""
+    if params["reference"] is None:
+        ev = read_split(prepare_dir, "eval")
+        return ev[["path", "sha256"]].assign(
+            name=ev["file"]
+        ), "Emo135 evaluation split (no reference set given)"
+    folder = config.path(params["reference"], root)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"memorization reference folder {folder} not found: point memorization.<profile>.reference at a "
+            "local CelebA img_align_celeba folder, or set it to null"
+        )
+    if params["reference_identities"]:
+        ids_file = config.path(params["reference_identities"], root)
+        ids = pd.read_csv(ids_file, sep=r"\s+", header=None, names=["name", "identity"], dtype=str)
+        ids = ids[[(folder / n).is_file() for n in ids["name"]]]
+        if ids.empty:
+            raise ValueError(f"{ids_file}: none of its images is in {folder}")
+        # one random image per identity (the paper: 10,177 identities, one image each)
+        ids = (
+            ids.sample(frac=1.0, random_state=params["seed"]).drop_duplicates("identity").sort_values("name")
+        )
+        names = ids["name"].tolist()
+        what = f"{folder} ({len(names)} identities, one image each)"
+    else:
+        names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        what = f"{folder} ({len(names)} images)"
+    if params["reference_limit"]:
+        names = names[: params["reference_limit"]]
+    rows = pd.DataFrame({"name": names, "path": [str(folder / n) for n in names]})
+    rows["sha256"] = [sha256_file(Path(p)) for p in rows["path"]]
+    return rows, what
+
+
+def labelled_pairs(params: dict, root: Path, out_dir: Path) -> pd.DataFrame | None:
+    """Same/different identity pairs for the derived threshold, from a CSV with columns path_a, path_b,
+    same (paths relative to the CSV): e.g. LFW's pairs, or the world's (data/pairs/identity.csv, written
+    with the stand-in by `python -m geneava.world.standin`, identities known exactly)."""
+    source = params["derive"]
+    if source == "none":
+        return None
+    csv = config.path(source, root)
+    if not csv.is_file():
+        raise FileNotFoundError(f"labelled pairs {csv} not found (memorization.<profile>.derive)")
+    pairs = pd.read_csv(csv)
+    missing = {"path_a", "path_b", "same"} - set(pairs.columns)
+    if missing:
+        raise ValueError(f"{csv}: missing columns {sorted(missing)} (need path_a, path_b, same)")
+    for col in ("path_a", "path_b"):
+        pairs[col] = [str((csv.parent / p).resolve()) for p in pairs[col]]
+    pairs["same"] = pairs["same"].astype(str).str.lower().isin(["1", "true", "yes"])
+    return pairs
+
+
+# ------------------------------------------------------------------ the audit
+
+
+def embeddings(model, name: str, rows: pd.DataFrame, cache_dir: Path) -> dict[str, torch.Tensor]:
+    """Identity embeddings of a set, cached by file hashes and model."""
+    key = {"files": rows["sha256"].tolist(), "model": model.name, "weights": getattr(model, "weights", None)}
+    return cached_tensors(
+        Path(cache_dir) / f"{name}.safetensors",
+        key,
+        lambda: identity.embed_files(model, rows["path"].tolist(), name),
+    )
+
+
+def derive_threshold(model, pairs: pd.DataFrame, cache_dir: Path) -> dict:
+    """The C4.5 split on the labelled pairs' cosine similarities (and distances, for the model's rule)."""
+    files = sorted(set(pairs["path_a"]) | set(pairs["path_b"]))
+    rows = pd.DataFrame({"path": files, "sha256": [sha256_file(Path(f)) for f in files]})
+    emb = embeddings(model, "pairs", rows, cache_dir)["embedding"].double()
+    pos = {f: i for i, f in enumerate(files)}
+    a = emb[[pos[f] for f in pairs["path_a"]]]
+    b = emb[[pos[f] for f in pairs["path_b"]]]
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1).numpy()
+    same = pairs["same"].to_numpy()
+    out = {
+        "pairs": len(pairs),
+        "same_pairs": int(same.sum()),
+        "mean_similarity_same": float(cos[same].mean()),
+        "mean_similarity_different": float(cos[~same].mean()),
+        "accuracy_at_paper_0.68": float(((cos > 0.68) == same).mean()),
+        "accuracy_at_deepface_0.32": float(((cos >= 0.32) == same).mean()),
+    }
+    try:
+        t, ratio = identity.gain_ratio_threshold(cos, same)
+    except ValueError as e:  # reported, not fatal: the audit's other rules still apply
+        log.warning("no derived threshold: %s", e)
+        return out | {"threshold": None, "error": str(e)}
+    return out | {"threshold": t, "gain_ratio": ratio, "accuracy": float(((cos >= t) == same).mean())}
+
+
+def same_calls(
+    queries: torch.Tensor,
+    reference: torch.Tensor,
+    threshold: float,
+    own: tuple | None,
+    derived_threshold: float | None,
+    params: dict,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Each query's nearest reference (similarity, index, and the model's own distance where it has a
+    rule) and the same-person call of every rule that applies: paper, deepface, model, derived."""
+    sim, idx = identity.nearest(queries, reference, "cosine", params["block"])
+    calls = identity.verdicts(sim, threshold)
+    dist = None
+    if own is not None:
+        dist, _ = identity.nearest(queries, reference, "euclidean", params["block"])
+        calls["model"] = dist < own[1]
+    if derived_threshold is not None:
+        calls["derived"] = sim >= derived_threshold
+    return sim, idx, dist, calls
+
+
+def removal_rule(params: dict, own: tuple | None) -> str:
+    rule = params["removal_rule"]
+    if rule == "auto":
+        rule = "model" if own is not None else "paper"
+    return rule
+
+
+def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, root: Path, model=None) -> dict:
+    """Nearest neighbours of every generated face in the fine-tuning and reference sets, the counts under
+    every rule, the removal list and the review sheet. Writes into `out_dir`."""
+    out_dir = Path(out_dir)
+    model = model or identity.identity_model(
+        params["identity"], params["identity_root"], params["identity_pack"]
+    )
+    cache = out_dir / "embeddings"
+    gen = qc.generated(generate_dir, "finetuned", params["include"])
+    if gen.empty:
+        raise ValueError(
+            "no generated image to audit (none passed QC): render more rows, or set "
+            "memorization.<profile>.include: all"
+        )
+    ft = read_split(prepare_dir, "finetune")
+    ref, ref_what = reference_set(params, prepare_dir, root)
+    sets = {"finetune": ft.assign(name=ft["file"]), "reference": ref}
+    for name, rows in sets.items():
+        if rows.empty:
+            raise ValueError(f"the {name} set is empty: nothing to compare the generated faces with")
+    emb_gen = embeddings(model, "generated", gen, cache)
+    emb = {k: embeddings(model, k, rows, cache) for k, rows in sets.items()}
+
+    derived = None
+    pairs = labelled_pairs(params, root, out_dir)
+    if pairs is not None:
+        derived = derive_threshold(model, pairs, cache)
+
+    t = params["threshold"]
+    own = model.own_rule
+    nn = gen[["row_id", "file", "expression"]].copy()
+    nn["face_found"] = emb_gen["face_found"].numpy()
+    summary, flagged = {}, []
+    derived_t = derived["threshold"] if derived is not None else None
+    for name, rows in sets.items():
+        sim, idx, dist, calls = same_calls(
+            emb_gen["embedding"], emb[name]["embedding"], t, own, derived_t, params
+        )
+        nn[f"{name}_similarity"] = sim.numpy()
+        nn[f"{name}_match"] = rows["name"].to_numpy()[idx.numpy()]
+        nn[f"{name}_match_path"] = rows["path"].to_numpy()[idx.numpy()]
+        if dist is not None:
+            nn[f"{name}_distance"] = dist.numpy()
+        for rule, call in calls.items():
+            nn[f"{name}_same_{rule}"] = call.numpy()
+        summary[name] = {
+            "images": len(rows),
+            "mean_nn_similarity": float(sim.mean()),
+            "max_nn_similarity": float(sim.max()),
+            **{f"same_{rule}": int(call.sum()) for rule, call in calls.items()},
+        }
+    rule = removal_rule(params, own)
+    if f"finetune_same_{rule}" not in nn:
+        raise ValueError(
+            f"memorization removal_rule '{rule}' does not apply here (identity model {model.name}, "
+            f"derive: {params['derive']}); use one of paper, deepface" + (", model" if own else "")
+        )
+    for name in sets:
+        hit = nn[nn[f"{name}_same_{rule}"]]
+        flagged.append(
+            pd.DataFrame(
+                {
+                    "row_id": hit["row_id"],
+                    "file": hit["file"],
+                    "reference_set": name,
+                    "match": hit[f"{name}_match"],
+                    "similarity": hit[f"{name}_similarity"],
+                    "rule": rule,
+                }
+            )
+        )
+    removal = pd.concat(flagged, ignore_index=True).sort_values(["row_id", "reference_set"])
+    write_csv(out_dir / "nearest.csv", nn.drop(columns=[c for c in nn if c.endswith("_match_path")]))
+    write_csv(out_dir / "removal.csv", removal)
+    write_csv(out_dir / "review.csv", review_pairs(nn, list(sets), params["review_pairs"], root))
+    write_csv(out_dir / "nn_histogram.csv", histogram(nn, list(sets)))
+    metrics = {
+        "identity_model": model.name,
+        "threshold": t,
+        "removal_rule": rule,
+        "removed_images": int(removal["row_id"].nunique()),
+        "generated_images": len(gen),
+        "excess_over_reference": excess_over_reference(nn, rule, seed=params["seed"]),
+        **summary,
+        **({"derived": derived} if derived else {}),
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    report = {
+        "identity_model": model.name,
+        "model_rule": f"{own[0]} distance < {own[1]}" if own else None,
+        "include": params["include"],
+        "reference": ref_what,
+        "faces_not_found": {
+            "generated": int((~emb_gen["face_found"]).sum()),
+            **{k: int((~e["face_found"]).sum()) for k, e in emb.items()},
+        },
+        "rules": {
+            "paper": f"cosine similarity > {t}",
+            "deepface": f"cosine distance <= {t} (similarity >= {1 - t:.2f})",
+            **({"model": f"{own[0]} distance < {own[1]}"} if own else {}),
+            **_derived_rule(derived),
+        },
+        "paper": {"finetune_mean_nn_similarity": 0.39, "reference_mean_nn_similarity": 0.47, "above_0.68": 0},
+    }
+    write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "summary.md", summary_markdown(metrics, report))
+    return {"nearest": nn, "removal": removal, "metrics": metrics, "report": report}
+
+
+def _derived_rule(derived: dict | None) -> dict:
+    """The derived rule as the report states it; a derivation that failed (not fatal) says why."""
+    if not derived:
+        return {}
+    if derived.get("threshold") is None:
+        return {"derived": f"not available: {derived.get('error', 'no threshold')}"}
+    return {"derived": f"cosine similarity >= {derived['threshold']:.4f} (C4.5 split)"}
+
+
+def run(
+    profile: str | None, prepare_dir: Path, generate_dir: Path, out_dir: Path, params_file: Path | None = None
+):
+    root = config.project_root()
+    return audit(stage_params(profile, params_file), prepare_dir, generate_dir, out_dir, root)
+
+
+def review_pairs(nn: pd.DataFrame, sets: list[str], n: int, root: Path | None = None) -> pd.DataFrame:
+    """The `n` closest pairs per set, for people to judge (the paper's user study: 50 + 50); the
+    `same_person` column is theirs to fill. `match_path`: the match's image, relative to `root` when
+    it lies inside it (so the file is the same on every machine)."""
+
+    def rel(p: str) -> str:
+        return (
+            os.path.relpath(p, root) if root and Path(p).resolve().is_relative_to(Path(root).resolve()) else p
+        )
+
+    out = []
+    for name in sets:
+        top = nn.nlargest(n, f"{name}_similarity")
+        out.append(
+            pd.DataFrame(
+                {
+                    "reference_set": name,
+                    "generated": top["file"],
+                    "match": top[f"{name}_match"],
+                    "match_path": [rel(p) for p in top[f"{name}_match_path"]],
+                    "similarity": top[f"{name}_similarity"],
+                    "same_person": "",
+                }
+            )
+        )
+    return pd.concat(out, ignore_index=True)
+
+
+def histogram(nn: pd.DataFrame, sets: list[str], bins: int = 40) -> pd.DataFrame:
+    """Counts of nearest-neighbour similarities per set on common bins over [-1, 1] (a DVC plot)."""
+    edges = np.linspace(-1, 1, bins + 1)
+    out = pd.DataFrame({"similarity": np.round((edges[:-1] + edges[1:]) / 2, 4)})
+    for name in sets:
+        out[name] = np.histogram(nn[f"{name}_similarity"], edges)[0]
+    return out
+
+
+def excess_over_reference(
+    nn: pd.DataFrame, rule: str, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict:
+    """Is the generator closer to the people it was fine-tuned on than to people it never saw? The
+    share of generated faces `rule` calls the same as someone in the fine-tuning set, minus the share it
+    calls the same as someone in the reference set, with a percentile bootstrap over generated faces
+    (paired: each face has a call against both). A rule that calls look-alikes "the same" flags both sets
+    alike; copies of fine-tuning people show as a positive excess. Fair when the two sets are of similar
+    size (in a larger set the nearest neighbour is closer), which the report states beside it."""
+    a = nn[f"finetune_same_{rule}"].to_numpy(dtype=float)
+    b = nn[f"reference_same_{rule}"].to_numpy(dtype=float)
+    d = a - b
+    draws = d[np.random.default_rng(seed).integers(len(d), size=(n_boot, len(d)))].mean(1)
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return {
+        "rule": rule,
+        "finetune": float(a.mean()),
+        "reference": float(b.mean()),
+        "difference": {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi)},
+        "level": level,
+    }
+
+
+def summary_markdown(metrics: dict, report: dict) -> str:
+    rules = [r for r in ("paper", "deepface", "model", "derived") if f"same_{r}" in metrics["finetune"]]
+    lines = [
+        f"Identity model: {metrics['identity_model']}; reference: {report['reference']}.",
+        "",
+        "| set | images | mean NN sim. | max NN sim. | " + " | ".join(f"same ({r})" for r in rules) + " |",
+        "|---" * (4 + len(rules)) + "|",
+    ]
+    for name in ("finetune", "reference"):
+        s = metrics[name]
+        lines.append(
+            f"| {name} | {s['images']} | {s['mean_nn_similarity']:.3f} | {s['max_nn_similarity']:.3f} | "
+            + " | ".join(str(s[f"same_{r}"]) for r in rules)
+            + " |"
+        )
+    lines += [
+        "",
+        "Rules: " + "; ".join(f"{k}: {v}" for k, v in report["rules"].items()) + ".",
+        f"Removed under '{metrics['removal_rule']}': {metrics['removed_images']} of "
+        f"{metrics['generated_images']} generated images.",
+        "Paper (ArcFace): mean NN similarity 0.39 (fine-tuning set), 0.47 (CelebA); none above 0.68.",
+    ]
+    ex = metrics.get("excess_over_reference")
+    if ex:
+        d, pct = ex["difference"], lambda v: f"{100 * v:.1f}%"  # noqa: E731
+        lines += [
+            "",
+            f"Copies or look-alikes? Under '{ex['rule']}', {pct(ex['finetune'])} of generated faces match "
+            f"someone in the fine-tuning set and {pct(ex['reference'])} someone in the reference set "
+            f"(sets of {metrics['finetune']['images']} and {metrics['reference']['images']} images; the "
+            f"reference people were never seen): excess {100 * d['mean']:+.1f} points "
+            f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] ({round(100 * ex['level'])}% bootstrap CI). "
+            "Memorized fine-tuning identities would show as a positive excess.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ figures
+
+
+def plot_histograms(nn: pd.DataFrame, metrics: dict, save_to: Path | None = None):
+    """Nearest-neighbour similarity per reference set, with every threshold in use marked."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    long = pd.concat(
+        [pd.DataFrame({"similarity": nn[f"{s}_similarity"], "set": s}) for s in ("finetune", "reference")]
+    )
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    sns.histplot(long, x="similarity", hue="set", bins=30, element="step", ax=ax)
+    t = metrics["threshold"]
+    marks = {f"paper: > {t}": t, f"deepface: >= {1 - t:.2f}": 1 - t}
+    if metrics.get("derived", {}).get("threshold") is not None:
+        marks[f"derived: >= {metrics['derived']['threshold']:.2f}"] = metrics["derived"]["threshold"]
+    for (label, x), style in zip(marks.items(), ("--", ":", "-."), strict=False):
+        ax.axvline(x, color="k", linestyle=style, label=label)
+    ax.legend(fontsize=7)
+    ax.set(
+        title=f"Nearest-neighbour identity similarity ({metrics['identity_model']})",
+        xlabel="cosine similarity",
+    )
+    fig.tight_layout()
+    if save_to:
+        fig.savefig(save_to, dpi=120)
+    return fig
+
+
+def closest_pairs_sheet(nn: pd.DataFrame, generate_dir: Path, k: int = 8, save_to: Path | None = None):
+    """The `k` closest pairs per set: generated face above, its nearest neighbour below."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    sets = ("finetune", "reference")
+    fig, axes = plt.subplots(4, k, figsize=(1.5 * k, 6.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for s_i, name in enumerate(sets):
+        top = nn.nlargest(k, f"{name}_similarity")
+        for j, row in enumerate(top.itertuples()):
+            gen_ax, ref_ax = axes[2 * s_i, j], axes[2 * s_i + 1, j]
+            gen_ax.imshow(Image.open(Path(generate_dir) / "finetuned" / row.file))
+            gen_ax.set_title(f"{getattr(row, f'{name}_similarity'):.2f}", fontsize=7)
+            ref_ax.imshow(Image.open(getattr(row, f"{name}_match_path")))
+            ref_ax.set_title(name, fontsize=6)
+    fig.suptitle("Closest pairs: generated (upper) and nearest neighbour (lower)", fontsize=9)
+    fig.tight_layout()
+    if save_to:
+        fig.savefig(save_to, dpi=120)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.stage_main(run, argv, __doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
