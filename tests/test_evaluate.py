@@ -16,7 +16,7 @@ from geneava.core import metrics
 from geneava.core.images import load_images, read_split
 from geneava.core.io import sha256_file, write_csv
 from geneava.networks import models
-from geneava.stages import evaluate
+from geneava.stages import evaluate, tables
 from tests.conftest import CentreFace, WholeImage
 
 
@@ -62,13 +62,13 @@ def evaluated(tmp_path_factory, prepared, default, eval_params):
 def test_a_shuffled_set_moves_every_metric_the_right_way(evaluated):
     _, out, ev = evaluated
     t = ev["result"]["per_class_pairs"]
-    for m, (_, higher_is_better) in evaluate.METRICS.items():
+    for m, (_, higher_is_better) in tables.METRICS.items():
         d = t["difference"][m]
         if higher_is_better:
             assert t["finetuned"][m]["mean"] > t["baseline"][m]["mean"] and d["lo"] > 0, m
         else:
             assert t["finetuned"][m]["mean"] < t["baseline"][m]["mean"] and d["hi"] < 0, m
-        for v in evaluate.VARIANTS:
+        for v in tables.VARIANTS:
             assert t[v][m]["lo"] <= t[v][m]["mean"] <= t[v][m]["hi"]
     assert json.loads((out / "metrics.json").read_text()) == ev["result"]
     assert (out / "table1.md").read_text().count("|") > 30 and "GenEAva (fine-tuned)" in (
@@ -84,7 +84,7 @@ def test_identical_images_score_perfectly_on_matching_pairs(evaluated, prepared,
     ev = read_split(prepared, "eval")
     embedder = evaluate.Embedder(default["models"], eval_params, torch.device("cpu"), WholeImage())
     emb_ev = embedder.embed(ev["path"].tolist(), None, "eval")
-    emb_gen = {v: embedder.embed(rows[v]["path"].tolist(), 64, v) for v in evaluate.VARIANTS}
+    emb_gen = {v: embedder.embed(rows[v]["path"].tolist(), 64, v) for v in tables.VARIANTS}
     gram = metrics.LpipsGram(models.lpips_model("random", 0))
     classes, mats, all_pairs = evaluate.class_matrices(rows, emb_gen, ev, emb_ev, gram, 64)
     for k in range(len(classes)):  # generated row j of class c is evaluation image j of class c

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from geneava.core import config
+from geneava.core import config, schema
 from geneava.networks import faces, retinaface
 
 
@@ -78,9 +78,9 @@ def test_the_pytorch_ports_checkpoint_layout_loads_weights_only(tmp_path):
 
 def test_detector_params_take_a_checkpoint_or_a_known_name():
     for ok in ("auto", "dlib", "tiny", "models/world/retinaface.safetensors", "x/mobilenet0.25_Final.pth"):
-        assert config.detector("k", ok) == ok
+        assert schema.detector("k", ok) == ok
     with pytest.raises(config.ParamsError, match="RetinaFace checkpoint"):
-        config.detector("generate.default.detector", "mtcnn")
+        schema.detector("generate.default.detector", "mtcnn")
     # the seeded untrained network at threshold 0 keeps every anchor that survives NMS: the decoding
     # plumbing (well-formed boxes, scores in descending order, five landmarks each) is what is checked
     found = faces.face_detector("tiny", threshold=0.0).detect(np.zeros((64, 64, 3), np.uint8))

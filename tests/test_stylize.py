@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from geneava.core import config
-from geneava.networks import identity, models
+from geneava.networks import identity, models, stylizers
 from geneava.stages import stylize
 from tests.conftest import assert_ignored_never_read, kill_when, tree_files, write_generated
 
@@ -28,7 +28,7 @@ def _portrait(face: Image.Image, size: int = 256, at: tuple[int, int] = (48, 40)
 @pytest.mark.parametrize("name", ["cartoon", "dctnet"])
 def test_stylizers_keep_size_position_and_a_clean_background(people, name, default):
     params = dict(default["stylize"], stylizer=name)
-    styler = stylize.stylizer(params, default["models"], default["prompts"])
+    styler = stylizers.stylizer(params, default["models"], default["prompts"])
     src = _portrait(people[0])
     out = styler.stylize([src], pd.DataFrame({"expression": ["joy"], "seed_used": [1]}))[0]
     assert out.size == src.size
@@ -77,12 +77,12 @@ def test_the_stage_pairs_every_face_with_its_avatar_and_resumes(people, tmp_path
         assert Image.open(tmp_path / "out" / r.avatar).size == Image.open(gen / r.realistic).size
     # a rerun does nothing: every avatar has its record
     monkeypatch.setattr(
-        stylize.Cartoon, "stylize", lambda *a: (_ for _ in ()).throw(AssertionError("redone"))
+        stylizers.Cartoon, "stylize", lambda *a: (_ for _ in ()).throw(AssertionError("redone"))
     )
     again = stylize.stylize(default["models"], default["prompts"], params, gen, tmp_path / "out")
     assert again.equals(pairs)
     # a new revision of the stylizer's code redoes the avatars instead of resuming old ones
-    monkeypatch.setitem(stylize.REVISION, "cartoon", stylize.REVISION["cartoon"] + 1)
+    monkeypatch.setitem(stylizers.REVISION, "cartoon", stylizers.REVISION["cartoon"] + 1)
     with pytest.raises(AssertionError, match="redone"):
         stylize.stylize(default["models"], default["prompts"], params, gen, tmp_path / "out")
     kept = stylize.stylize(
@@ -103,9 +103,9 @@ def test_a_face_rendered_again_gets_a_new_avatar(people, tmp_path, default, monk
     # the generate stage renders row 1 again (a retrained base model): same file name, other pixels
     write_generated(tmp_path / "generate", [faces[0], _portrait(people[2])], "joy")
     calls = []
-    real = stylize.Passthrough.stylize
+    real = stylizers.Passthrough.stylize
     monkeypatch.setattr(
-        stylize.Passthrough, "stylize", lambda self, im, m: calls.append(len(im)) or real(self, im, m)
+        stylizers.Passthrough, "stylize", lambda self, im, m: calls.append(len(im)) or real(self, im, m)
     )
     again = stylize.stylize(default["models"], default["prompts"], params, gen, tmp_path / "out")
     assert calls == [1]  # row 0 resumed, row 1 redone
@@ -117,7 +117,7 @@ def test_a_face_rendered_again_gets_a_new_avatar(people, tmp_path, default, monk
 
 def test_sdxl_img2img_stylizer_runs_through_diffusers(default):
     params = dict(default["stylize"], stylizer="sdxl_img2img", steps=2)
-    styler = stylize.stylizer(params, default["models"], default["prompts"])
+    styler = stylizers.stylizer(params, default["models"], default["prompts"])
     src = [Image.new("RGB", (64, 64), (255, 255, 255)), Image.new("RGB", (64, 64), (200, 180, 160))]
     rows = pd.DataFrame({"expression": ["joy", "awe"], "seed_used": [1, 2]})
     out = styler.stylize(src, rows)
@@ -132,7 +132,7 @@ def test_cartoon_of_a_small_face_matches_the_cartoon_of_the_large_one():
     from geneava.core import emo135
     from geneava.world import standin
 
-    cartoon = stylize.Cartoon()
+    cartoon = stylizers.Cartoon()
     for i, c in enumerate(emo135.classes()[::45]):
         face = standin.render_face(standin.sample_attributes(c, i), 256)
         small = face.resize((64, 64), Image.Resampling.LANCZOS)
@@ -168,12 +168,12 @@ def test_tone_bands_keep_each_groups_skin_colour_where_the_palette_shifts_it():
             return lab[y - 1 : y + 2, x - 1 : x + 2, 1:].reshape(-1, 2)
 
         for mode in shift:
-            out = stylize.Cartoon(quantize=mode).one(face)
+            out = stylizers.Cartoon(quantize=mode).one(face)
             shift[mode].append(np.linalg.norm(ab(out).mean(0) - ab(face).astype(float).mean(0)))
     assert max(shift["tone"]) < 4, shift
     assert np.mean(shift["colors"]) > 2 * np.mean(shift["tone"]), shift
     with pytest.raises(ValueError, match="quantize"):
-        stylize.Cartoon(quantize="kmeans")
+        stylizers.Cartoon(quantize="kmeans")
 
 
 def test_expression_agreement_by_primary_needs_a_135_class_encoder(people, tmp_path):
@@ -211,10 +211,10 @@ def test_derived_expression_check_separates_own_avatars_from_other_expressions(d
 
     csv = standin.write_pairs(tmp_path, identity=1, expression=20) / "expression.csv"
     encoder = models.expression_encoder(default["models"]["expression"], 0)
-    control = stylize.derive_expression_threshold(stylize.Passthrough(), encoder, csv)
+    control = stylize.derive_expression_threshold(stylizers.Passthrough(), encoder, csv)
     assert control["mean_distance_same"] == pytest.approx(0.0, abs=1e-6)
     assert control["accuracy"] >= 0.9 and control["threshold"] < control["mean_distance_different"]
-    cartoon = stylize.derive_expression_threshold(stylize.Cartoon(), encoder, csv)
+    cartoon = stylize.derive_expression_threshold(stylizers.Cartoon(), encoder, csv)
     assert cartoon["mean_distance_same"] < cartoon["mean_distance_different"]
     assert 0.5 < cartoon["accuracy"] <= 1.0 and cartoon["pairs"] == 20
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from geneava.core import config
+from geneava.core import config, schema
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def face_detector(
     minimum face score (insightface's default 0.5); dlib's MMOD keeps its own rule. Paths mean the
     project root's (config.path), wherever the process runs."""
     root = str(config.path(root))
-    if config.torch_retinaface(name):
+    if schema.torch_retinaface(name):
         name = config.source(name)
         return TorchRetinaFace(name, threshold)
     if name not in DETECTORS:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from geneava.core import cli, config, parallel
 from geneava.core.io import atomic_write_text, write_json
-from geneava.stages import evaluate, finetune, generate
+from geneava.stages import evaluate, finetune, generate, tables
 
 LABEL = "alpha0"
 
@@ -97,15 +97,15 @@ def summary_table(results: dict, alpha: float, ablated: float) -> pd.DataFrame:
     full = results["vs_finetuned"]["result"]["per_class_pairs"]
     base = results["vs_baseline"]["result"]["per_class_pairs"]
     rows = []
-    for m, (title, up) in evaluate.METRICS.items():
+    for m, (title, up) in tables.METRICS.items():
         rows.append(
             {
                 "metric": f"{title} {'↑' if up else '↓'}",
                 "baseline": base["baseline"][m]["mean"],
                 f"α = {ablated:g}": full[LABEL][m]["mean"],
                 f"α = {alpha:g}": full["finetuned"][m]["mean"],
-                f"α = {alpha:g} − α = {ablated:g}": evaluate._cell(full["difference"][m], 4),
-                f"α = {ablated:g} − baseline": evaluate._cell(base["difference"][m], 4),
+                f"α = {alpha:g} − α = {ablated:g}": tables.cell(full["difference"][m], 4),
+                f"α = {ablated:g} − baseline": tables.cell(base["difference"][m], 4),
             }
         )
     full_r = results["vs_finetuned"]["result"].get("recognition", {})
@@ -117,8 +117,8 @@ def summary_table(results: dict, alpha: float, ablated: float) -> pd.DataFrame:
                 "baseline": base_r["baseline"]["mean"],
                 f"α = {ablated:g}": full_r[LABEL]["mean"],
                 f"α = {alpha:g}": full_r["finetuned"]["mean"],
-                f"α = {alpha:g} − α = {ablated:g}": evaluate._cell(full_r["difference"], 4),
-                f"α = {ablated:g} − baseline": evaluate._cell(base_r["difference"], 4),
+                f"α = {alpha:g} − α = {ablated:g}": tables.cell(full_r["difference"], 4),
+                f"α = {ablated:g} − baseline": tables.cell(base_r["difference"], 4),
             }
         )
     return pd.DataFrame(rows).set_index("metric")

@@ -35,7 +35,7 @@ from geneava.core.io import (
     write_csv,
     write_json,
 )
-from geneava.networks import identity, models
+from geneava.networks import identity, models, stylizers
 from geneava.networks.faces import face_detector
 from geneava.stages import generate, memorization, qc, stylize
 
@@ -141,7 +141,7 @@ def settings_key(p: dict, lora_sha: str, rule: str, derived: float | None, expr_
         lora_sha,
         {"rule": rule, "derived": derived, "expression_threshold": expr_t},
         {name: list(rows["sha256"]) for name, rows in sets.items()},
-        stylize.REVISION.get(p["sty_params"]["stylizer"], 1),
+        stylizers.REVISION.get(p["sty_params"]["stylizer"], 1),
     )
 
 
@@ -277,7 +277,7 @@ class Checks:
             p["model_params"], p["prompt_params"], g, self.lora_file.parent, device
         )
         self.detector = self.detector or face_detector(g["detector"], g["detector_root"], g["detector_pack"])
-        self.styler = stylize.stylizer(s, p["model_params"], p["prompt_params"], device)
+        self.styler = stylizers.stylizer(s, p["model_params"], p["prompt_params"], device)
         self.sty_id = identity.identity_model(s["identity"], s["identity_root"], s["identity_pack"])
         self.encoder = models.expression_encoder(p["model_params"]["expression"], p["model_params"]["seed"])
         # embedded into this stage's own cache (a few seconds; no writes into other stages)

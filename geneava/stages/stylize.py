@@ -1,13 +1,6 @@
 """Stylization (paper, "Stylization"): every realistic face becomes an avatar, and we measure what it kept.
 
-Stylizers share one interface, `stylize(images, rows) -> images` (RGB PIL images of the same size):
-- `cartoon`: a classical cartoonizer (edge-preserving smoothing, colour quantisation, dark edges) with
-  OpenCV; runs anywhere, the default profile's stylizer;
-- `dctnet`: DCT-Net's 3D-cartoon model (the paper's), ported to PyTorch (`geneava.networks.dctnet`):
-  background network on the whole image, head network on a 5-point-aligned 288 px crop, alpha-blended back;
-- `sdxl_img2img`: diffusers' SDXL img2img with a cartoon prompt (and optionally a cartoon LoRA), a modern
-  alternative the paper's framework allows;
-- `passthrough`: returns the input; a control that must score perfect preservation.
+The stylizers (cartoon, dctnet, sdxl_img2img, passthrough) are in `geneava.networks.stylizers`.
 
 Preservation (the paper asked people; here it is also measured): identity = cosine similarity of identity
 embeddings (ArcFace, or dlib offline) between each face and its avatar; expression = distance between
@@ -29,230 +22,10 @@ from tqdm.auto import tqdm
 from geneava.core import cli, config, emo135, resume
 from geneava.core.images import load_rgb
 from geneava.core.io import save_png, sha256_bytes, write_csv, write_json
-from geneava.networks import identity, models
+from geneava.networks import identity, models, stylizers
 from geneava.stages import qc
 
 log = logging.getLogger(__name__)
-
-STYLIZERS = ("cartoon", "dctnet", "sdxl_img2img", "passthrough")
-
-
-# ------------------------------------------------------------------ stylizers
-
-
-class Passthrough:
-    name = "passthrough"
-
-    def stylize(self, images: list[Image.Image], rows: pd.DataFrame) -> list[Image.Image]:
-        return [im.copy() for im in images]
-
-
-class Cartoon:
-    """Edge-preserving smoothing (repeated bilateral filter), flat colour regions and dark edges from an
-    adaptive threshold. A plain background stays one flat colour: the threshold's offset keeps flat
-    regions free of edges. The filters are sized for a 256 px face: a smaller image is cartooned at
-    256 px and brought back (at 64 px, 9 px edge blocks blackened whole eyes and hair).
-
-    Flat regions come from quantising the lightness only (`quantize="tone"`, CIELAB L* into `levels`
-    bands, hue and chroma kept, as in Winnemöller et al.'s video abstraction) or the colours
-    (`"colors"`, median cut to `colors`). The median cut shares its few colours over skin, hair, shirt
-    and background, so mid skin tones snap to a neighbour's: on the world's faces it kept identity
-    for 79% (Middle Eastern 57%) in an early run; tone bands keep far more (the current share is
-    `identity_kept_share` in the stage's metrics, docs/results.md). The edge threshold's offset (8 grey
-    levels) draws outlines on strong edges only: at 4 it also outlined shading and wrinkles, ringed the
-    eyes and read as another expression to POSTER (mean distance 7.5 vs 5.2; seniors' 9.8 vs 6.6)."""
-
-    name = "cartoon"
-    WORK = 256
-    QUANTIZE = ("tone", "colors")
-
-    def __init__(
-        self,
-        colors: int = 12,
-        smoothing: int = 5,
-        edge_block: int = 9,
-        edge_offset: int = 8,
-        quantize: str = "colors",
-        levels: int = 8,
-    ):
-        if quantize not in self.QUANTIZE:
-            raise ValueError(f"stylize.quantize must be one of {', '.join(self.QUANTIZE)}, not {quantize!r}")
-        self.colors, self.smoothing, self.edge_block, self.edge_offset = (
-            colors,
-            smoothing,
-            edge_block,
-            edge_offset,
-        )
-        self.quantize, self.levels = quantize, levels
-
-    def one(self, img: Image.Image) -> Image.Image:
-        img = img.convert("RGB")
-        if min(img.size) >= self.WORK:
-            return self._cartoon(img)
-        k = self.WORK / min(img.size)
-        big = img.resize((round(img.width * k), round(img.height * k)), Image.Resampling.BICUBIC)
-        return self._cartoon(big).resize(img.size, Image.Resampling.LANCZOS)
-
-    def _cartoon(self, img: Image.Image) -> Image.Image:
-        import cv2
-
-        rgb = np.asarray(img)
-        scale = max(1, round(min(rgb.shape[:2]) / 256))  # filters sized to the image, 256 px reference
-        smooth = rgb
-        for _ in range(self.smoothing):
-            smooth = cv2.bilateralFilter(smooth, 5 * scale, 40, 5 * scale)
-        if self.quantize == "tone":
-            lab = cv2.cvtColor(smooth, cv2.COLOR_RGB2LAB)
-            band = 256 / self.levels
-            lab[..., 0] = np.clip((np.floor(lab[..., 0] / band) + 0.5) * band, 0, 255).astype(np.uint8)
-            flat = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
-        else:
-            flat = np.asarray(
-                Image.fromarray(smooth).quantize(self.colors, method=Image.Quantize.MEDIANCUT).convert("RGB")
-            )
-        gray = cv2.medianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), 2 * scale + 1)
-        block = self.edge_block * scale | 1
-        edges = cv2.adaptiveThreshold(
-            gray, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY, block, self.edge_offset
-        )
-        out = np.where(edges[..., None] == 0, (flat * 0.35).astype(np.uint8), flat)
-        return Image.fromarray(out)
-
-    def stylize(self, images: list[Image.Image], rows: pd.DataFrame) -> list[Image.Image]:
-        return [self.one(im) for im in images]
-
-
-class DCTNet:
-    """DCT-Net's compound pipeline: background network, aligned head network, alpha blend."""
-
-    name = "dctnet"
-    HEAD = 288
-
-    def __init__(self, source: str, seed: int = 0, device=None):
-        from geneava.networks import dctnet
-
-        self.device = device or torch.device("cpu")
-        if source == "tiny":
-            self.bg, self.head = dctnet.tiny_generator(seed), dctnet.tiny_generator(seed + 1)
-            yy, xx = np.mgrid[: self.HEAD, : self.HEAD] / (self.HEAD - 1) * 2 - 1
-            self.alpha = np.clip(1.5 - 1.5 * np.sqrt(xx**2 / 0.7 + yy**2 / 0.9), 0, 1).astype(np.float32)
-        else:
-            folder = config.path(source)
-            for f in ("bg.safetensors", "head.safetensors", "alpha.png"):
-                if not (folder / f).is_file():
-                    raise FileNotFoundError(
-                        f"{folder / f} not found: convert DCT-Net's graphs first "
-                        "(python -m geneava.networks.dctnet convert <modelscope folder> <folder>; "
-                        "see docs/stages/stylize.md)"
-                    )
-            self.bg = dctnet.load_generator(folder / "bg.safetensors")
-            self.head = dctnet.load_generator(folder / "head.safetensors")
-            mask = (
-                Image.open(folder / "alpha.png")
-                .convert("L")
-                .resize((self.HEAD, self.HEAD), Image.Resampling.BOX)
-            )
-            self.alpha = np.asarray(mask, dtype=np.float32) / 255
-        self.bg.to(self.device)
-        self.head.to(self.device)
-        self._points = None
-
-    def _run(self, net, bgr: np.ndarray) -> np.ndarray:
-        from geneava.networks import dctnet
-
-        x = torch.from_numpy(bgr.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(self.device)
-        with torch.no_grad():
-            return dctnet.to_uint8(net(x))[0]
-
-    def one(self, img: Image.Image) -> Image.Image:
-        import cv2
-
-        from geneava.networks.dctnet import REFERENCE_5, five_points
-
-        rgb = np.asarray(img.convert("RGB"))
-        h0, w0 = rgb.shape[:2]
-        if min(h0, w0) > 720:  # the released pipeline works at short side <= 720
-            s = 720 / min(h0, w0)
-            rgb = cv2.resize(rgb, (round(w0 * s), round(h0 * s)), interpolation=cv2.INTER_AREA)
-        h, w = rgb.shape[:2]
-        ph, pw = -(-h // 16) * 16, -(-w // 16) * 16
-        padded = np.full((ph, pw, 3), 255, np.uint8)
-        padded[:h, :w] = rgb
-        res = self._run(self.bg, padded[:, :, ::-1])[:h, :w].astype(np.float32)  # BGR
-        if self._points is None:
-            self._points = five_points()
-        for pts in self._points(rgb):
-            from skimage.transform import SimilarityTransform
-
-            ref = ((REFERENCE_5 - 56) * 0.75 + 56) * self.HEAD / 112
-            t = SimilarityTransform.from_estimate(np.asarray(pts), ref)
-            if not t:  # degenerate points: leave this face to the background network
-                log.warning("could not align a face for the head network: %s", t)
-                continue
-            m, inv = t.params[:2], np.linalg.inv(t.params)[:2]
-            crop = cv2.warpAffine(rgb, m, (self.HEAD, self.HEAD), borderValue=(255, 255, 255))
-            head = self._run(self.head, crop[:, :, ::-1])
-            head_back = cv2.warpAffine(head, inv, (w, h), borderValue=(0, 0, 0)).astype(np.float32)
-            mask = cv2.warpAffine(self.alpha, inv, (w, h), borderValue=0)[..., None]
-            res = mask * head_back + (1 - mask) * res
-        out = res.clip(0, 255).astype(np.uint8)[:, :, ::-1]
-        if (h, w) != (h0, w0):
-            out = cv2.resize(out, (w0, h0), interpolation=cv2.INTER_AREA)
-        return Image.fromarray(np.ascontiguousarray(out))
-
-    def stylize(self, images: list[Image.Image], rows: pd.DataFrame) -> list[Image.Image]:
-        return [self.one(im) for im in images]
-
-
-class SDXLImg2Img:
-    """diffusers' SDXL img2img on the generation model's components, with a cartoon prompt per row."""
-
-    name = "sdxl_img2img"
-
-    def __init__(self, model_params: dict, prompt_params: dict, params: dict, device):
-        from diffusers import StableDiffusionXLImg2ImgPipeline
-
-        base = models.sdxl_from_params(model_params, prompt_params)
-        self.pipe = StableDiffusionXLImg2ImgPipeline(**base.components).to(device)
-        if params["lora"]:
-            self.pipe.load_lora_weights(str(config.path(params["lora"])))
-        self.pipe.set_progress_bar_config(disable=True)
-        self.params, self.device = params, device
-
-    def stylize(self, images: list[Image.Image], rows: pd.DataFrame) -> list[Image.Image]:
-        p = self.params
-        prompts = [p["prompt"].format(expression=r.expression) for r in rows.itertuples()]
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in rows["seed_used"]]
-        out = self.pipe(
-            prompt=prompts,
-            image=images,
-            strength=p["strength"],
-            num_inference_steps=p["steps"],
-            guidance_scale=p["guidance_scale"],
-            generator=gens,
-        ).images
-        return [o.resize(i.size) for o, i in zip(out, images, strict=True)]
-
-
-# Bumped when a stylizer's output changes, so resumed runs do not keep avatars of the old code.
-# cartoon 2: small faces are cartooned at 256 px (edges were four times too wide at 64 px).
-# cartoon 3: edges on strong contrasts only (offset 8: outlines of shading and wrinkles read as another
-#            expression).
-REVISION = {"cartoon": 3}
-
-
-def stylizer(params: dict, model_params: dict, prompt_params: dict, device=None):
-    name = params["stylizer"]
-    if name == "cartoon":
-        return Cartoon(params["colors"], quantize=params["quantize"], levels=params["levels"])
-    if name == "passthrough":
-        return Passthrough()
-    if name == "dctnet":
-        return DCTNet(params["dctnet"], model_params["seed"], device)
-    if name == "sdxl_img2img":
-        return SDXLImg2Img(model_params, prompt_params, params, device or torch.device("cpu"))
-    raise ValueError(f"unknown stylizer '{name}' (known: {', '.join(STYLIZERS)})")
-
 
 # ------------------------------------------------------------------ the stage
 
@@ -288,7 +61,7 @@ IGNORED = {
 def settings_key(model_params: dict, prompt_params: dict, params: dict) -> str:
     """The key every avatar of these settings is made under (the stylizer's code revision included)."""
     blocks = {"models": model_params, "prompts": prompt_params, "stylize": params}
-    return resume.digest(resume.settings(blocks, IGNORED), REVISION.get(params["stylizer"], 1))
+    return resume.digest(resume.settings(blocks, IGNORED), stylizers.REVISION.get(params["stylizer"], 1))
 
 
 def stylize(
@@ -316,7 +89,7 @@ def stylize(
 
     def process(batch):
         nonlocal styler
-        styler = styler or stylizer(params, model_params, prompt_params, device)
+        styler = styler or stylizers.stylizer(params, model_params, prompt_params, device)
         frame = by_id.loc[[it.id for it, _ in batch]]
         images = [load_rgb(Path(generate_dir) / "finetuned" / f) for f in frame["file"]]
         outcomes = []
@@ -497,7 +270,7 @@ def run(profile: str | None, generate_dir: Path, out_dir: Path, params_file: Pat
     out_dir = Path(out_dir)
     params, model_params = p["params"], p["model_params"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    styler = stylizer(params, model_params, p["prompt_params"], device)
+    styler = stylizers.stylizer(params, model_params, p["prompt_params"], device)
     pairs = stylize(**p, generate_dir=generate_dir, out_dir=out_dir, styler=styler)
     id_model = identity.identity_model(params["identity"], params["identity_root"], params["identity_pack"])
     encoder = models.expression_encoder(model_params["expression"], model_params["seed"])
