@@ -10,7 +10,7 @@ import torch
 
 from geneava.core import config, emo135
 from geneava.networks import identity, models
-from geneava.world import standin
+from geneava.world import checks, loops, samples, standin
 from geneava.world import train as world
 
 from .conftest import ROOT
@@ -90,13 +90,13 @@ def test_a_rerun_skips_finished_phases_and_a_new_setting_retrains_only_its_phase
     trained, prompt_params, monkeypatch
 ):
     out, report = trained
-    ran, loop = [], world._loop
+    ran, loop = [], loops._loop
 
     def recording(*args):
         ran.append(args[-1])
         return loop(*args)
 
-    monkeypatch.setattr(world, "_loop", recording)
+    monkeypatch.setattr(loops, "_loop", recording)
     assert world.pretrain(TINY, prompt_params, out) == report
     assert ran == []  # nothing retrained
     world.pretrain({**TINY, "identity_steps": 3}, prompt_params, out)
@@ -106,8 +106,8 @@ def test_a_rerun_skips_finished_phases_and_a_new_setting_retrains_only_its_phase
 def test_base_model_sees_fine_words_but_only_coarse_faces(prompt_params):
     """SDXL's analogue: captions name one of 135 fine words ("delight"), the face shows its primary's coarse
     expression; with `primary` captions only the six primary words occur. The images are the same."""
-    by_class = world.base_samples(200, 0, prompt_params)
-    by_primary = world.base_samples(200, 0, prompt_params, captions="primary")
+    by_class = samples.base_samples(200, 0, prompt_params)
+    by_primary = samples.base_samples(200, 0, prompt_params, captions="primary")
     primaries = set(standin.PRIMARY_BASE)
     primary_of = {c.name: c.primary for c in emo135.classes()}
     seen = set()
@@ -124,16 +124,16 @@ def test_base_model_sees_fine_words_but_only_coarse_faces(prompt_params):
     assert len(seen - primaries) > 50  # many fine words, not just the primaries
     assert any(s["prompt"].startswith("A photo of a face") for s in by_class)  # the caption form too
     with pytest.raises(config.ParamsError, match="world's groups"):
-        world.base_samples(2, 0, {**prompt_params, "races": ["Martian"]})
+        samples.base_samples(2, 0, {**prompt_params, "races": ["Martian"]})
     with pytest.raises(config.ParamsError, match="base_captions"):
-        world.base_samples(2, 0, prompt_params, captions="fine")
+        samples.base_samples(2, 0, prompt_params, captions="fine")
 
 
 def test_arcface_margin_lowers_only_the_true_class_logit():
     emb, weight = torch.randn(5, 8), torch.randn(3, 8)
     labels = torch.tensor([0, 1, 2, 0, 1])
-    plain = world.arcface_logits(emb, weight, labels, 10.0, 0.0)
-    margin = world.arcface_logits(emb, weight, labels, 10.0, 0.4)
+    plain = identity.arcface_logits(emb, weight, labels, 10.0, 0.0)
+    margin = identity.arcface_logits(emb, weight, labels, 10.0, 0.4)
     true = torch.nn.functional.one_hot(labels, 3).bool()
     assert torch.allclose(plain[~true], margin[~true])
     theta = torch.acos((plain[true] / 10).clamp(-1, 1))
@@ -144,7 +144,7 @@ def test_arcface_margin_lowers_only_the_true_class_logit():
 def test_augment_crops_inside_the_frame():
     x = torch.linspace(-1, 1, 64).view(1, 1, 1, 64).expand(4, 3, 64, 64).contiguous()
     g = torch.Generator().manual_seed(0)
-    y = world.augment(x, g)
+    y = samples.augment(x, g)
     assert y.shape == x.shape and not torch.allclose(y, x)
     assert y.min() >= -1 - 1e-5 and y.max() <= 1 + 1e-5
 
@@ -167,13 +167,13 @@ def test_committed_encoders_tell_expressions_and_people_apart():
     report = json.loads((COMMITTED / "report.json").read_text())
     # measured on held-out renders when trained; re-measured here on fresh ones
     enc = models.expression_encoder(str(COMMITTED / world.POSTER_FILE))
-    attrs, labels = world.class_samples(2, seed=7)
-    acc = world.check_expression(enc, world.render_pool(attrs, 64, "faces"), labels)
+    attrs, labels = samples.class_samples(2, seed=7)
+    acc = checks.check_expression(enc, samples.render_pool(attrs, 64, "faces"), labels)
     assert acc["heldout_accuracy"] > 5 * acc["chance"]  # weak: docs/world.md
     assert acc["heldout_primary_accuracy"] > 0.6
     net = identity.identity_model(str(COMMITTED / world.IDENTITY_FILE)).net
-    attrs, labels = world.identity_samples(40, 3, seed=7)
-    ver = world.check_identity(net, world.render_pool(attrs, 64, "faces"), labels, 0.68)
+    attrs, labels = samples.identity_samples(40, 3, seed=7)
+    ver = checks.check_identity(net, samples.render_pool(attrs, 64, "faces"), labels, 0.68)
     assert ver["same_mean_cosine"] > ver["different_mean_cosine"] + 0.3
     assert ver["true_accept_rate"] > 0.8 and ver["false_accept_rate"] < 0.1
     assert report["expression"]["heldout_accuracy"] > 5 * report["expression"]["chance"]
