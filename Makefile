@@ -22,7 +22,7 @@ setup: $(STAMP)
 
 repro: setup
 	$(BIN)/python -m geneava.core.config > /dev/null
-	$(BIN)/python -m geneava.world.standin --ensure data
+	$(BIN)/python -m geneava.world.dataset --ensure data
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 	@cat outputs/evaluate/table1.md

@@ -12,7 +12,7 @@ from geneava.core import config
 from geneava.networks.faces import Face
 from geneava.stages import finetune
 from geneava.stages import prepare as data
-from geneava.world import standin
+from geneava.world import dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def default(params) -> dict:
 @pytest.fixture(scope="session")
 def standin_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("standin")
-    standin.write_standin(root, per_class=3)  # the tests use a detector double: no detection misses
+    dataset.write_standin(root, per_class=3)  # the tests use a detector double: no detection misses
     return root
 
 

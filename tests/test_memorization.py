@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from geneava.core.io import save_png, sha256_file, write_csv
 from geneava.networks import identity
 from geneava.stages import memorization
-from geneava.world import standin
+from geneava.world import dataset
 from tests.conftest import write_generated
 
 # ------------------------------------------------------------------ search and thresholds
@@ -205,7 +205,7 @@ def test_labelled_pairs_from_a_csv_are_checked(tmp_path, default):
 
 
 def test_standin_pairs_give_a_derived_threshold(tmp_path, default):
-    csv = standin.write_pairs(tmp_path, identity=12, expression=1) / "identity.csv"
+    csv = dataset.write_pairs(tmp_path, identity=12, expression=1) / "identity.csv"
     params = dict(default["memorization"], derive=str(csv))
     pairs = memorization.labelled_pairs(params, tmp_path, tmp_path)
     assert len(pairs) == 12 and pairs["same"].sum() == 6

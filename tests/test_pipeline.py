@@ -120,7 +120,7 @@ def test_repro_runs_every_stage_through_papermill(clone):
     assert not report["short_classes"]
     assert report["finetune_images"] == 135 * prep["finetune_per_class"]
     assert report["eval_images"] == 135 * prep["eval_per_class"]
-    # the planted unusable files (standin.HARD_CASES) were reached and filtered
+    # the planted unusable files (dataset.HARD_CASES) were reached and filtered
     assert report["status"]["no face"] > 0 and report["status"]["several faces"] > 0
     assert report["status"]["duplicate across classes"] > 0
     assert (clone / "outputs/finetune/lora/pytorch_lora_weights.safetensors").is_file()

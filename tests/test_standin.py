@@ -2,28 +2,28 @@ import numpy as np
 import pandas as pd
 
 from geneava.core import emo135
-from geneava.world import standin
+from geneava.world import dataset, standin
 
 
 def test_layout_and_attributes(standin_root):
     folders = sorted(p.name for p in (standin_root / "emo135").iterdir())
     assert folders == sorted(emo135.names())
     assert all(len(list((standin_root / "emo135" / f).glob("*.png"))) == 3 for f in folders)
-    attrs = pd.read_csv(standin_root / standin.ATTRIBUTES_FILE)
+    attrs = pd.read_csv(standin_root / dataset.ATTRIBUTES_FILE)
     assert len(attrs) == 135 * 3
     assert all((standin_root / f).is_file() for f in attrs["file"])
 
 
 def test_rendering_is_byte_identical(tmp_path):
-    a = standin.write_standin(tmp_path / "a", per_class=1)
-    b = standin.write_standin(tmp_path / "b", per_class=1)
+    a = dataset.write_standin(tmp_path / "a", per_class=1)
+    b = dataset.write_standin(tmp_path / "b", per_class=1)
     for f in sorted(a.rglob("*.png")):
         assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
 
 
 def test_hard_cases_are_planted_in_every_class(tmp_path):
-    root = standin.write_standin(tmp_path, per_class=10).parent
-    attrs = pd.read_csv(root / standin.ATTRIBUTES_FILE, keep_default_na=False)
+    root = dataset.write_standin(tmp_path, per_class=10).parent
+    attrs = pd.read_csv(root / dataset.ATTRIBUTES_FILE, keep_default_na=False)
     classes = emo135.classes()
     kinds = attrs.groupby("hard_case").size()
     assert kinds["empty"] == kinds["pair"] == 135 and kinds["copy"] == len(range(0, 135, 9))
@@ -57,7 +57,7 @@ def test_ensure_never_overwrites(tmp_path):
     real = tmp_path / "emo135" / "joy"
     real.mkdir(parents=True)
     (real / "mine.jpg").write_bytes(b"user data")
-    assert standin.main([str(tmp_path), "--ensure"]) == 0
+    assert dataset.main([str(tmp_path), "--ensure"]) == 0
     assert sorted(p.name for p in (tmp_path / "emo135").iterdir()) == ["joy"]
     assert (real / "mine.jpg").read_bytes() == b"user data"
 

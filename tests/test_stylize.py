@@ -207,9 +207,9 @@ def test_expression_agreement_by_primary_needs_a_135_class_encoder(people, tmp_p
 def test_derived_expression_check_separates_own_avatars_from_other_expressions(default, tmp_path):
     """The world-calibrated check: with a pass-through "stylizer" a face's own avatar is at distance 0 and
     the split is near perfect; the cartoonizer's pairs are reported with their (weaker) accuracy."""
-    from geneava.world import standin
+    from geneava.world import dataset
 
-    csv = standin.write_pairs(tmp_path, identity=1, expression=20) / "expression.csv"
+    csv = dataset.write_pairs(tmp_path, identity=1, expression=20) / "expression.csv"
     encoder = models.expression_encoder(default["models"]["expression"], 0)
     control = stylize.derive_expression_threshold(stylizers.Passthrough(), encoder, csv)
     assert control["mean_distance_same"] == pytest.approx(0.0, abs=1e-6)

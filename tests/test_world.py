@@ -10,7 +10,7 @@ import torch
 
 from geneava.core import config, emo135
 from geneava.networks import identity, models
-from geneava.world import checks, loops, samples, standin
+from geneava.world import checks, dataset, loops, samples, standin
 from geneava.world import train as world
 
 from .conftest import ROOT
@@ -150,7 +150,7 @@ def test_augment_crops_inside_the_frame():
 
 
 def test_identity_pairs_render_the_same_person_across_expressions():
-    a, b, same = next(standin.identity_pairs(1, seed=3))
+    a, b, same = next(dataset.identity_pairs(1, seed=3))
     assert same and a.size == b.size and np.asarray(a).tolist() != np.asarray(b).tolist()
 
 

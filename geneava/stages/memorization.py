@@ -80,7 +80,7 @@ def reference_set(params: dict, prepare_dir: Path, root: Path) -> tuple[pd.DataF
 def labelled_pairs(params: dict, root: Path, out_dir: Path) -> pd.DataFrame | None:
     """Same/different identity pairs for the derived threshold, from a CSV with columns path_a, path_b,
     same (paths relative to the CSV): e.g. LFW's pairs, or the world's (data/pairs/identity.csv, written
-    with the stand-in by `python -m geneava.world.standin`, identities known exactly)."""
+    with the stand-in by `python -m geneava.world.dataset`, identities known exactly)."""
     source = params["derive"]
     if source == "none":
         return None

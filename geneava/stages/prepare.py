@@ -78,7 +78,7 @@ def scan(source: Path, max_classes: int | None = None) -> tuple[pd.DataFrame, di
     if not source.is_dir():
         raise DataError(
             f"{source} is not a folder. Point prepare.<profile>.source at an Emo135-layout folder "
-            "(one sub-folder per class), or run `python -m geneava.world.standin data` for the stand-in."
+            "(one sub-folder per class), or run `python -m geneava.world.dataset data` for the stand-in."
         )
     try:
         entries = sorted(source.iterdir())

@@ -207,7 +207,7 @@ def read_expression_pairs(csv: Path) -> tuple[list[Image.Image], list[Image.Imag
     if not csv.is_file():
         raise FileNotFoundError(
             f"expression pairs {csv} not found (stylize.<profile>.expression_pairs); the world's are "
-            "written by `python -m geneava.world.standin --ensure data`"
+            "written by `python -m geneava.world.dataset --ensure data`"
         )
     table = pd.read_csv(csv)
     missing = {"face", "other"} - set(table.columns)
