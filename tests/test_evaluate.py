@@ -16,7 +16,7 @@ from geneava.core import metrics
 from geneava.core.images import load_images, read_split
 from geneava.core.io import sha256_file, write_csv
 from geneava.networks import models
-from geneava.stages import evaluate, tables
+from geneava.stages import evaluate, recognition, tables
 from tests.conftest import CentreFace, WholeImage
 
 
@@ -252,7 +252,7 @@ def test_recognition_reads_predictions_as_primaries():
     anger = [c.index for c in fine if c.primary == "anger"]
     feats = torch.tensor([[love[1]], [anger[0]], [love[0]]], dtype=torch.float32)
     intended = [fine[love[0]].name, fine[love[0]].name, fine[anger[1]].name]
-    assert evaluate.recognised(_Encoder(135), feats, intended).tolist() == [True, False, False]
+    assert recognition.recognised(_Encoder(135), feats, intended).tolist() == [True, False, False]
     # a 7-class head is read in RAF-DB's order: happiness (3) fits love and joy, disgust (2) anger,
     # neutral (6) nothing
     joy = next(c.name for c in fine if c.primary == "joy")
@@ -260,12 +260,12 @@ def test_recognition_reads_predictions_as_primaries():
     assert by_name[contempt].primary == "anger"
     feats = torch.tensor([[3], [3], [2], [6], [0]], dtype=torch.float32)
     intended = [fine[love[0]].name, joy, contempt, joy, joy]
-    assert evaluate.recognised(_Encoder(7), feats, intended).tolist() == [True, True, True, False, False]
-    assert evaluate.primary_compatibility(7).sum(1).tolist() == [1, 1, 1, 2, 1, 1, 0]
-    assert (evaluate.primary_compatibility(135).sum(1) == 1).all()
-    assert evaluate.recognised(_Encoder(10), feats, intended) is None
+    assert recognition.recognised(_Encoder(7), feats, intended).tolist() == [True, True, True, False, False]
+    assert recognition.primary_compatibility(7).sum(1).tolist() == [1, 1, 1, 2, 1, 1, 0]
+    assert (recognition.primary_compatibility(135).sum(1) == 1).all()
+    assert recognition.recognised(_Encoder(10), feats, intended) is None
     with pytest.raises(ValueError, match="outside the 135"):
-        evaluate.recognised(_Encoder(7), feats[:1], ["not an emotion"])
+        recognition.recognised(_Encoder(7), feats[:1], ["not an emotion"])
 
 
 def test_primary_grid_shows_posters_verdict_under_each_face(
@@ -276,7 +276,7 @@ def test_primary_grid_shows_posters_verdict_under_each_face(
     from geneava.core import emo135
 
     gen, _, _ = evaluated
-    fig = evaluate.primary_grid(
+    fig = recognition.primary_grid(
         default["models"], eval_params, prepared, gen, classes_per_primary=1, detector=WholeImage(),
         save_to=tmp_path / "grid.png",
     )  # fmt: skip

@@ -209,7 +209,7 @@ def test_standin_pairs_give_a_derived_threshold(tmp_path, default):
     params = dict(default["memorization"], derive=str(csv))
     pairs = memorization.labelled_pairs(params, tmp_path, tmp_path)
     assert len(pairs) == 12 and pairs["same"].sum() == 6
-    d = memorization.derive_threshold(identity.DlibIdentity(), pairs, tmp_path / "cache")
+    d = identity.derive_threshold(identity.DlibIdentity(), pairs, tmp_path / "cache")
     assert d["pairs"] == 12 and d["same_pairs"] == 6
     # dlib (a real-photo model) tells the stand-in's drawn people apart only weakly, but it does: same
     # pairs score higher on average, and the split beats chance on these pairs

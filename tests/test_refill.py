@@ -153,7 +153,7 @@ def test_sigkill_during_refill_then_resume_is_bit_identical(default, outputs, tm
     (tmp_path / "args.json").write_text(json.dumps(args))
     script = tmp_path / "run.py"
     script.write_text(
-        "import json, sys\nfrom pathlib import Path\nfrom geneava import refill\n"
+        "import json, sys\nfrom pathlib import Path\nfrom geneava.stages import refill\n"
         "from tests.test_generate import Passes\n"
         "a = json.loads(Path(sys.argv[1]).read_text())\n"
         f"refill.refill(**a, outputs=Path({str(out)!r}), out_dir=Path(sys.argv[2]), "

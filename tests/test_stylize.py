@@ -238,7 +238,7 @@ def test_sigkill_during_stylization_then_resume_is_bit_identical(people, tmp_pat
     }
     script = tmp_path / "run.py"
     script.write_text(
-        "import json, sys\nfrom pathlib import Path\nfrom geneava import stylize\n"
+        "import json, sys\nfrom pathlib import Path\nfrom geneava.stages import stylize\n"
         "a = json.loads(Path(sys.argv[1]).read_text())\n"
         "stylize.stylize(a['model_params'], a['prompt_params'], a['params'], Path(a['generate_dir']), "
         "Path(sys.argv[2]))\n"

@@ -55,7 +55,8 @@ def test_same_tokenizer_in_every_process():
     import sys
 
     code = (
-        "import hashlib, json; from geneava import config, prompts, tokenizer;"
+        "import hashlib, json; from geneava.core import config, prompts;"
+        "from geneava.networks import tokenizer;"
         "p = config.load_params('params.yaml')['prompts']['default'];"
         "t = tokenizer.train_clip_tokenizer(prompts.vocabulary(p));"
         "print(hashlib.sha256(json.dumps(t.get_vocab(), sort_keys=True).encode()).hexdigest())"

@@ -23,13 +23,14 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from geneava.core import cli, config, emo135, metrics, resume
+from geneava.core import cli, config, metrics, resume
 from geneava.core.images import load_images, read_split
 from geneava.core.io import atomic_write_text, cached_tensors, source_fingerprint, write_csv, write_json
 from geneava.networks import models
 from geneava.networks.faces import face_detector, square_crop
 from geneava.stages import qc
-from geneava.stages.tables import METRICS, SHORT, VARIANTS, per_class_table, table_latex, table_markdown
+from geneava.stages.recognition import recognition_table
+from geneava.stages.tables import METRICS, VARIANTS, per_class_table, table_latex, table_markdown
 
 log = logging.getLogger(__name__)
 
@@ -348,171 +349,6 @@ def run(
         generate_dir=generate_dir,
         out_dir=out_dir,
     )
-
-
-# ------------------------------------------------------------------ recognition
-
-# The official POSTER checkpoints for RAF-DB name its seven basic classes in RAF-DB's label order
-# (labels 1-7 of its list_patition_label.txt, minus one). Each names the Parrott primaries it fits:
-# Emo135 files disgust, contempt and revulsion under anger, and RAF-DB's happiness covers love and joy.
-RAFDB_CLASSES = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
-RAFDB_PRIMARIES = {
-    "surprise": ("surprise",),
-    "fear": ("fear",),
-    "disgust": ("anger",),
-    "happiness": ("love", "joy"),
-    "sadness": ("sadness",),
-    "anger": ("anger",),
-    "neutral": (),
-}
-
-
-def primary_compatibility(num_classes: int) -> np.ndarray | None:
-    """(num_classes x 6) bool: whether the expression encoder's class k names primary p
-    (`emo135.PRIMARY` order). A 135-class head (the world's POSTER, or one trained on Emo135) names
-    its classes' primaries; a 7-class one is read as RAF-DB's; any other head gives None."""
-    prim = list(emo135.PRIMARY)
-    if num_classes == len(emo135.classes()):
-        out = np.zeros((num_classes, len(prim)), dtype=bool)
-        out[np.arange(num_classes), [prim.index(c.primary) for c in emo135.classes()]] = True
-        return out
-    if num_classes == len(RAFDB_CLASSES):
-        return np.array([[p in RAFDB_PRIMARIES[c] for p in prim] for c in RAFDB_CLASSES])
-    return None
-
-
-def recognised(encoder, features: torch.Tensor, expressions: list[str]) -> np.ndarray | None:
-    """Per image: does the expression encoder's predicted class name the intended expression's
-    primary? From the cached POSTER features (its head is one linear layer on them), no new forward
-    pass. None when the encoder's classes cannot be read as primaries."""
-    table = primary_compatibility(encoder.config.num_classes)
-    if table is None:
-        return None
-    primary = {c.name: list(emo135.PRIMARY).index(c.primary) for c in emo135.classes()}
-    unknown = sorted(set(expressions) - set(primary))
-    if unknown:
-        raise ValueError(f"expressions outside the 135 Emo135 classes: {unknown[:5]}")
-    with torch.no_grad():
-        pred = encoder.head(features.to(next(encoder.parameters()).dtype)).argmax(1).cpu().numpy()
-    return table[pred, [primary[e] for e in expressions]]
-
-
-def recognition_table(
-    gen: dict[str, pd.DataFrame],
-    gen_emb: dict[str, dict[str, torch.Tensor]],
-    ev: pd.DataFrame,
-    ev_emb: dict[str, torch.Tensor],
-    classes: list[str],
-    encoder,
-    params: dict,
-) -> dict:
-    """Share of images whose POSTER prediction names the intended primary (one of six; chance is about
-    1/6 for a uniform guess): per class, then the mean over classes, with the same paired class
-    bootstrap as Table 1 (rows within a class resampled alike for both variants). The evaluation
-    images' share is the ceiling the encoder reaches on real faces."""
-    names = list(gen)
-    ev_ok = recognised(encoder, ev_emb["exp"], ev["expression"].tolist())
-    if ev_ok is None:
-        return {
-            "skipped": f"the expression encoder has {encoder.config.num_classes} classes: neither the 135 "
-            f"Emo135 classes nor RAF-DB's 7, so its predictions cannot be read as primaries"
-        }
-    per_variant = {}
-    for v in names:
-        g = gen[v]
-        ok = np.full(len(g), np.nan)
-        ok[g["use"].to_numpy()] = recognised(
-            encoder, gen_emb[v]["exp"], g.loc[g["use"], "expression"].tolist()
-        )
-        per_variant[v] = [ok[g["expression"].to_numpy() == c][:, None] for c in classes]
-    boot = lambda m: metrics.class_bootstrap(m, params["n_boot"], params["seed"], params["level"])  # noqa: E731
-    table = boot(per_variant)
-    evals = boot({"eval": [ev_ok[ev["expression"].to_numpy() == c][:, None].astype(float) for c in classes]})
-    keep = ("mean", "lo", "hi")
-    return {
-        **{v: {k: table[v][k] for k in keep} for v in names},
-        "difference": {k: table[f"{names[0]} - {names[1]}"][k] for k in keep},
-        "eval": {k: evals["eval"][k] for k in keep},
-        "chance": 1 / len(emo135.PRIMARY),
-        "level": "primary",
-    }
-
-
-def primary_grid(
-    model_params: dict,
-    params: dict,
-    prepare_dir: Path,
-    variants: dict[str, Path] | Path,
-    classes_per_primary: int = 2,
-    detector=None,
-    save_to: Path | None = None,
-):
-    """Faces of the intended expression, primary by primary: one column per class (the first
-    `classes_per_primary` of each primary with a prompt row every variant kept), one row for a real
-    evaluation face and one per variant (that prompt row's image). Under each face, what POSTER names
-    (as recognition reads it: the primary, or RAF-DB's class), ✓ when it fits the intended primary."""
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    gen = generated_rows(variants, params["include"])
-    names = list(gen)
-    ev = read_split(prepare_dir, "eval")
-    encoder = models.expression_encoder(model_params["expression"], model_params["seed"])
-    table = primary_compatibility(encoder.config.num_classes)
-    detector = detector or face_detector(params["detector"], params["detector_root"], params["detector_pack"])
-    primary_of = {c.name: c.primary for c in emo135.classes()}
-    shared = sorted(set(ev["expression"]) & set(gen[names[0]]["expression"]))
-    picked = []  # (class, real path, [each variant's path])
-    for primary in emo135.PRIMARY:
-        for c in [c for c in shared if primary_of.get(c) == primary]:
-            ok = np.logical_and.reduce([(g["use"] & (g["expression"] == c)).to_numpy() for g in gen.values()])
-            if ok.any() and sum(primary_of[k] == primary for k, *_ in picked) < classes_per_primary:
-                i = int(np.flatnonzero(ok)[0])
-                real = ev.loc[ev["expression"] == c, "path"].iloc[0]
-                picked.append((c, real, [g["path"].iloc[i] for g in gen.values()]))
-    if not picked:
-        raise ValueError("no class has a kept image in every variant and an evaluation image")
-
-    def said(paths: list[str], crop: bool) -> list[tuple[str, bool | None]]:
-        size = _image_tensor(paths[:1]).shape[-1]
-        x = crop_faces(detector, params["crop_margin"], paths, size)[0] if crop else _image_tensor(paths)
-        with torch.no_grad():
-            pred = encoder.classify(x)[0].argmax(1).tolist()
-        out = []
-        for k, c in zip(pred, (c for c, *_ in picked), strict=True):
-            if table is None:
-                out.append((f"class {k}", None))
-                continue
-            intended = emo135.PRIMARY.index(primary_of[c])
-            label = emo135.classes()[k].primary if len(table) == len(emo135.classes()) else RAFDB_CLASSES[k]
-            out.append((label, bool(table[k, intended])))
-        return out
-
-    rows = [("real (Emo135)", [r for _, r, _ in picked], params["crop_eval"])]
-    rows += [(SHORT.get(v, v), [g[j] for *_, g in picked], True) for j, v in enumerate(names)]
-    fig, axes = plt.subplots(
-        len(rows), len(picked), figsize=(1.25 * len(picked), 1.55 * len(rows)), squeeze=False
-    )
-    for i, (label, paths, crop) in enumerate(rows):
-        for j, ((name, ok), path) in enumerate(zip(said(paths, crop), paths, strict=True)):
-            ax = axes[i, j]
-            with Image.open(path) as im:
-                ax.imshow(im.convert("RGB"))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            mark = "" if ok is None else (" ✓" if ok else " ✗")
-            ax.set_xlabel(
-                f"{name}{mark}", fontsize=7, color="black" if ok is None else ("green" if ok else "red")
-            )
-            if i == 0:
-                ax.set_title(f"{picked[j][0]}\n({primary_of[picked[j][0]]})", fontsize=7)
-            if j == 0:
-                ax.set_ylabel(label, fontsize=8)
-    fig.suptitle("Intended expression (column) and what POSTER names under each face", fontsize=9)
-    fig.tight_layout()
-    if save_to:
-        fig.savefig(save_to, dpi=120)
-    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

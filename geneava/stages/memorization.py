@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from geneava.core import cli, config
 from geneava.core.images import read_split
-from geneava.core.io import atomic_write_text, cached_tensors, sha256_file, write_csv, write_json
+from geneava.core.io import atomic_write_text, sha256_file, write_csv, write_json
 from geneava.networks import identity
 from geneava.stages import qc
 
@@ -100,63 +99,6 @@ def labelled_pairs(params: dict, root: Path, out_dir: Path) -> pd.DataFrame | No
 # ------------------------------------------------------------------ the audit
 
 
-def embeddings(model, name: str, rows: pd.DataFrame, cache_dir: Path) -> dict[str, torch.Tensor]:
-    """Identity embeddings of a set, cached by file hashes and model."""
-    key = {"files": rows["sha256"].tolist(), "model": model.name, "weights": getattr(model, "weights", None)}
-    return cached_tensors(
-        Path(cache_dir) / f"{name}.safetensors",
-        key,
-        lambda: identity.embed_files(model, rows["path"].tolist(), name),
-    )
-
-
-def derive_threshold(model, pairs: pd.DataFrame, cache_dir: Path) -> dict:
-    """The C4.5 split on the labelled pairs' cosine similarities (and distances, for the model's rule)."""
-    files = sorted(set(pairs["path_a"]) | set(pairs["path_b"]))
-    rows = pd.DataFrame({"path": files, "sha256": [sha256_file(Path(f)) for f in files]})
-    emb = embeddings(model, "pairs", rows, cache_dir)["embedding"].double()
-    pos = {f: i for i, f in enumerate(files)}
-    a = emb[[pos[f] for f in pairs["path_a"]]]
-    b = emb[[pos[f] for f in pairs["path_b"]]]
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=1).numpy()
-    same = pairs["same"].to_numpy()
-    out = {
-        "pairs": len(pairs),
-        "same_pairs": int(same.sum()),
-        "mean_similarity_same": float(cos[same].mean()),
-        "mean_similarity_different": float(cos[~same].mean()),
-        "accuracy_at_paper_0.68": float(((cos > 0.68) == same).mean()),
-        "accuracy_at_deepface_0.32": float(((cos >= 0.32) == same).mean()),
-    }
-    try:
-        t, ratio = identity.gain_ratio_threshold(cos, same)
-    except ValueError as e:  # reported, not fatal: the audit's other rules still apply
-        log.warning("no derived threshold: %s", e)
-        return out | {"threshold": None, "error": str(e)}
-    return out | {"threshold": t, "gain_ratio": ratio, "accuracy": float(((cos >= t) == same).mean())}
-
-
-def same_calls(
-    queries: torch.Tensor,
-    reference: torch.Tensor,
-    threshold: float,
-    own: tuple | None,
-    derived_threshold: float | None,
-    params: dict,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """Each query's nearest reference (similarity, index, and the model's own distance where it has a
-    rule) and the same-person call of every rule that applies: paper, deepface, model, derived."""
-    sim, idx = identity.nearest(queries, reference, "cosine", params["block"])
-    calls = identity.verdicts(sim, threshold)
-    dist = None
-    if own is not None:
-        dist, _ = identity.nearest(queries, reference, "euclidean", params["block"])
-        calls["model"] = dist < own[1]
-    if derived_threshold is not None:
-        calls["derived"] = sim >= derived_threshold
-    return sim, idx, dist, calls
-
-
 def removal_rule(params: dict, own: tuple | None) -> str:
     rule = params["removal_rule"]
     if rule == "auto":
@@ -164,14 +106,9 @@ def removal_rule(params: dict, own: tuple | None) -> str:
     return rule
 
 
-def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, root: Path, model=None) -> dict:
-    """Nearest neighbours of every generated face in the fine-tuning and reference sets, the counts under
-    every rule, the removal list and the review sheet. Writes into `out_dir`."""
-    out_dir = Path(out_dir)
-    model = model or identity.identity_model(
-        params["identity"], params["identity_root"], params["identity_pack"]
-    )
-    cache = out_dir / "embeddings"
+def audit_sets(params: dict, prepare_dir: Path, generate_dir: Path, root: Path):
+    """The generated faces to audit and the two sets to search (fine-tuning, reference), with how the
+    reference set was chosen; an empty one stops with what to do."""
     gen = qc.generated(generate_dir, "finetuned", params["include"])
     if gen.empty:
         raise ValueError(
@@ -184,23 +121,18 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
     for name, rows in sets.items():
         if rows.empty:
             raise ValueError(f"the {name} set is empty: nothing to compare the generated faces with")
-    emb_gen = embeddings(model, "generated", gen, cache)
-    emb = {k: embeddings(model, k, rows, cache) for k, rows in sets.items()}
+    return gen, sets, ref_what
 
-    derived = None
-    pairs = labelled_pairs(params, root, out_dir)
-    if pairs is not None:
-        derived = derive_threshold(model, pairs, cache)
 
-    t = params["threshold"]
-    own = model.own_rule
+def nearest_neighbours(gen, emb_gen, sets, emb, params, own, derived_t) -> tuple[pd.DataFrame, dict]:
+    """Each generated face's nearest neighbour in each set, with the same-identity call of every rule
+    (one column per set and rule), and per set the counts and similarity summaries."""
     nn = gen[["row_id", "file", "expression"]].copy()
     nn["face_found"] = emb_gen["face_found"].numpy()
-    summary, flagged = {}, []
-    derived_t = derived["threshold"] if derived is not None else None
+    summary = {}
     for name, rows in sets.items():
-        sim, idx, dist, calls = same_calls(
-            emb_gen["embedding"], emb[name]["embedding"], t, own, derived_t, params
+        sim, idx, dist, calls = identity.same_calls(
+            emb_gen["embedding"], emb[name]["embedding"], params["threshold"], own, derived_t, params
         )
         nn[f"{name}_similarity"] = sim.numpy()
         nn[f"{name}_match"] = rows["name"].to_numpy()[idx.numpy()]
@@ -215,12 +147,12 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
             "max_nn_similarity": float(sim.max()),
             **{f"same_{rule}": int(call.sum()) for rule, call in calls.items()},
         }
-    rule = removal_rule(params, own)
-    if f"finetune_same_{rule}" not in nn:
-        raise ValueError(
-            f"memorization removal_rule '{rule}' does not apply here (identity model {model.name}, "
-            f"derive: {params['derive']}); use one of paper, deepface" + (", model" if own else "")
-        )
+    return nn, summary
+
+
+def removal_list(nn: pd.DataFrame, sets: list[str], rule: str) -> pd.DataFrame:
+    """The generated faces the removal rule calls the same person as someone in either set."""
+    flagged = []
     for name in sets:
         hit = nn[nn[f"{name}_same_{rule}"]]
         flagged.append(
@@ -235,11 +167,49 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
                 }
             )
         )
-    removal = pd.concat(flagged, ignore_index=True).sort_values(["row_id", "reference_set"])
+    return pd.concat(flagged, ignore_index=True).sort_values(["row_id", "reference_set"])
+
+
+def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, root: Path, model=None) -> dict:
+    """Nearest neighbours of every generated face in the fine-tuning and reference sets, the counts under
+    every rule, the removal list and the review sheet. Writes into `out_dir` (write_audit)."""
+    out_dir = Path(out_dir)
+    model = model or identity.identity_model(
+        params["identity"], params["identity_root"], params["identity_pack"]
+    )
+    cache = out_dir / "embeddings"
+    gen, sets, ref_what = audit_sets(params, prepare_dir, generate_dir, root)
+    emb_gen = identity.cached_embeddings(model, "generated", gen, cache)
+    emb = {k: identity.cached_embeddings(model, k, rows, cache) for k, rows in sets.items()}
+    pairs = labelled_pairs(params, root, out_dir)
+    derived = identity.derive_threshold(model, pairs, cache) if pairs is not None else None
+    own = model.own_rule
+    derived_t = derived["threshold"] if derived is not None else None
+    nn, summary = nearest_neighbours(gen, emb_gen, sets, emb, params, own, derived_t)
+    rule = removal_rule(params, own)
+    if f"finetune_same_{rule}" not in nn:
+        raise ValueError(
+            f"memorization removal_rule '{rule}' does not apply here (identity model {model.name}, "
+            f"derive: {params['derive']}); use one of paper, deepface" + (", model" if own else "")
+        )
+    removal = removal_list(nn, list(sets), rule)
+    faces_not_found = {
+        "generated": int((~emb_gen["face_found"]).sum()),
+        **{k: int((~e["face_found"]).sum()) for k, e in emb.items()},
+    }
+    found = {"nearest": nn, "removal": removal, "summary": summary, "derived": derived, "rule": rule}
+    return write_audit(out_dir, params, model, gen, found, ref_what, faces_not_found, root)
+
+
+def write_audit(out_dir, params, model, gen, found, ref_what, faces_not_found, root) -> dict:
+    """nearest.csv, removal.csv, review.csv, nn_histogram.csv, metrics.json, report.json, summary.md."""
+    nn, removal, derived, rule = found["nearest"], found["removal"], found["derived"], found["rule"]
+    sets = [k for k in found["summary"]]
+    t, own = params["threshold"], model.own_rule
     write_csv(out_dir / "nearest.csv", nn.drop(columns=[c for c in nn if c.endswith("_match_path")]))
     write_csv(out_dir / "removal.csv", removal)
-    write_csv(out_dir / "review.csv", review_pairs(nn, list(sets), params["review_pairs"], root))
-    write_csv(out_dir / "nn_histogram.csv", histogram(nn, list(sets)))
+    write_csv(out_dir / "review.csv", review_pairs(nn, sets, params["review_pairs"], root))
+    write_csv(out_dir / "nn_histogram.csv", histogram(nn, sets))
     metrics = {
         "identity_model": model.name,
         "threshold": t,
@@ -247,7 +217,7 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
         "removed_images": int(removal["row_id"].nunique()),
         "generated_images": len(gen),
         "excess_over_reference": excess_over_reference(nn, rule, seed=params["seed"]),
-        **summary,
+        **found["summary"],
         **({"derived": derived} if derived else {}),
     }
     write_json(out_dir / "metrics.json", metrics)
@@ -256,10 +226,7 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
         "model_rule": f"{own[0]} distance < {own[1]}" if own else None,
         "include": params["include"],
         "reference": ref_what,
-        "faces_not_found": {
-            "generated": int((~emb_gen["face_found"]).sum()),
-            **{k: int((~e["face_found"]).sum()) for k, e in emb.items()},
-        },
+        "faces_not_found": faces_not_found,
         "rules": {
             "paper": f"cosine similarity > {t}",
             "deepface": f"cosine distance <= {t} (similarity >= {1 - t:.2f})",

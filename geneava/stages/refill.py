@@ -282,7 +282,7 @@ class Checks:
         self.encoder = models.expression_encoder(p["model_params"]["expression"], p["model_params"]["seed"])
         # embedded into this stage's own cache (a few seconds; no writes into other stages)
         self.emb = {
-            k: memorization.embeddings(self.id_model, k, rows, self.out_dir / "embeddings")["embedding"]
+            k: identity.cached_embeddings(self.id_model, k, rows, self.out_dir / "embeddings")["embedding"]
             for k, rows in self.sets.items()
         }
         self.ready = True
@@ -355,7 +355,7 @@ class Checks:
         same = torch.zeros(len(passing), dtype=torch.bool)
         nn_sim = {}
         for name, ref_emb in self.emb.items():
-            sim, _, _, calls = memorization.same_calls(
+            sim, _, _, calls = identity.same_calls(
                 found, ref_emb, m["threshold"], self.id_model.own_rule, self.derived, m
             )
             if self.rule not in calls:
