@@ -18,7 +18,7 @@ def test_repo_params_validate(params):
 
 
 def test_paper_profile_holds_the_papers_settings(params):
-    """shared PAPER.md: SDXL base 1.0, LoRA rank 4, lr 1e-6, 8 epochs, batch 1, Adam (0.9, 0.999),
+    """docs/paper.md: SDXL base 1.0, LoRA rank 4, lr 1e-6, 8 epochs, batch 1, Adam (0.9, 0.999),
     wd 1e-2, α 1.0, 8/class fine-tuning, 50/class evaluation, 7 x 2 x 7 = 98 prompts per expression."""
     ft = params["finetune"]["paper"]
     assert params["models"]["paper"]["sdxl"] == "stabilityai/stable-diffusion-xl-base-1.0"

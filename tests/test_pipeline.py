@@ -182,6 +182,12 @@ def test_everything_up_to_date_and_second_repro_is_a_no_op(clone):
         (("generate", "default", "steps"), 3, {"generate", "ablation", "refill"}),
         (("finetune", "default", "lr"), 3.0e-4, {"finetune", "ablation"}),
         (("prepare", "default", "seed"), 1, {"prepare"}),
+        # the one detector section: every stage that finds faces, and those reading their blocks
+        (
+            ("detector", "default", "detector_pack"),
+            "antelopev2",
+            {"prepare", "generate", "evaluate", "ablation", "refill"},
+        ),
         (
             ("prompts", "default", "negative"),
             "blurry",

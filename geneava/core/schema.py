@@ -329,4 +329,7 @@ WEIGHT_KEYS: tuple[tuple[str, str, tuple[str, ...], bool, Callable[[dict], bool]
     ("stylize", "identity", ("auto", "arcface", "dlib"), False, lambda b: True),
     ("stylize", "dctnet", ("tiny",), False, lambda b: b["stylizer"] == "dctnet"),
     ("stylize", "lora", (), False, lambda b: b["stylizer"] == "sdxl_img2img" and b["lora"] is not None),
+    # not weights, but local files a stage reads: the labelled pairs of the derived thresholds
+    ("memorization", "derive", ("none",), False, lambda b: True),
+    ("stylize", "expression_pairs", (), False, lambda b: b["expression_level"] == "derived"),
 )

@@ -289,7 +289,7 @@ def gain_ratio_threshold(
 
 
 def verdicts(similarity: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
-    """Same-identity calls under both readings of one number (../shared/PAPER.md):
+    """Same-identity calls under both readings of one number (docs/paper.md):
     the paper's (cosine similarity > t) and deepface's (cosine distance <= t, i.e. similarity >= 1 - t)."""
     return {"paper": similarity > threshold, "deepface": similarity >= 1 - threshold}
 

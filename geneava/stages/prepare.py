@@ -195,7 +195,33 @@ def prepare(params: dict, out_dir: Path, root: Path, detector=None, watermark=No
     if watermark is None and params["watermark"] != "none":
         watermark = watermark_filter(params["watermark"], params["watermark_threshold"])
     need = {"finetune": params["finetune_per_class"], "eval": params["eval_per_class"]}
+    hash_and_mark_duplicates(images)
+    written: set[Path] = set()
+    groups = images.groupby("expression", sort=True)
+    for name, group in tqdm(groups, total=groups.ngroups, desc=f"prepare ({detector.name})", unit="class"):
+        order = group.index[class_order(name, len(group), params["seed"])]
+        examine_class(images, name, order, need, params, detector, watermark, data_dir, written)
+    images.loc[images["status"] == "", "status"] = "not examined"
+    resume.prune(data_dir / "images", [data_dir / r for r in written])  # crops of an earlier run's choice
+    images["split"] = images["status"].where(images["status"].isin(SPLITS), "")
+    images["source"] = [
+        str(Path(s).relative_to(root)) if Path(s).is_relative_to(root) else s for s in images["source"]
+    ]
+    write_csv(data_dir / "manifest.csv", images)
+    short = write_report(images, classes_report, need, detector, watermark, out_dir)
+    if short:
+        listing = ", ".join(f"{n} ({v['finetune']}+{v['eval']})" for n, v in list(short.items())[:20])
+        raise DataError(
+            f"{len(short)} class(es) have too few usable images for {need['finetune']} fine-tuning + "
+            f"{need['eval']} evaluation: {listing}. See {out_dir / 'report.json'} and the manifest for why; "
+            "add images or lower prepare.<profile>.finetune_per_class / eval_per_class."
+        )
+    return images
 
+
+def hash_and_mark_duplicates(images: pd.DataFrame) -> None:
+    """Hash every readable file, mark duplicates and unreadable files, and add the empty columns the
+    examination fills (in place)."""
     hashes = []
     entries = zip(images["source"], images["status"], strict=True)
     for path, status in tqdm(entries, total=len(images), desc="hash", unit="file"):
@@ -213,50 +239,47 @@ def prepare(params: dict, out_dir: Path, root: Path, detector=None, watermark=No
     images["file"] = ""
     images["sha256"] = ""
 
-    written: set[Path] = set()
-    groups = images.groupby("expression", sort=True)
-    for name, group in tqdm(groups, total=groups.ngroups, desc=f"prepare ({detector.name})", unit="class"):
-        filled = dict.fromkeys(SPLITS, 0)
-        for i in group.index[class_order(name, len(group), params["seed"])]:
-            if all(filled[s] >= need[s] for s in SPLITS):
-                break
-            if images.at[i, "status"]:
-                continue
-            rgb, reason = read_image(Path(images.at[i, "source"]), params["max_pixels"])
-            if rgb is None:
-                images.at[i, "status"] = reason
-                continue
-            faces = detector.detect(rgb)
-            images.at[i, "faces"] = len(faces)
-            if len(faces) != 1:
-                images.at[i, "status"] = "no face" if not faces else "several faces"
-                continue
-            face = faces[0]
-            images.loc[i, ["x0", "y0", "x1", "y1"]] = face.box
-            images.at[i, "score"] = face.score
-            if watermark is not None:
-                images.at[i, "watermark_p"] = watermark.probability(rgb)
-                if images.at[i, "watermark_p"] > watermark.threshold:
-                    images.at[i, "status"] = "watermark"
-                    continue
-            split = "finetune" if filled["finetune"] < need["finetune"] else "eval"
-            filled[split] += 1
-            rel = Path("images") / split / name / f"{Path(images.at[i, 'source']).name}.png"
-            if rel in written:
-                raise DataError(f"{rel} would be written twice; please report this as a bug")
-            written.add(rel)
-            crop = square_crop(rgb, face.box, params["crop_margin"], params["resolution"])
-            images.at[i, "sha256"] = sha256_bytes(save_png(data_dir / rel, crop))
-            images.at[i, "file"] = str(rel)
-            images.at[i, "status"] = split
-    images.loc[images["status"] == "", "status"] = "not examined"
-    resume.prune(data_dir / "images", [data_dir / r for r in written])  # crops of an earlier run's choice
-    images["split"] = images["status"].where(images["status"].isin(SPLITS), "")
-    images["source"] = [
-        str(Path(s).relative_to(root)) if Path(s).is_relative_to(root) else s for s in images["source"]
-    ]
-    write_csv(data_dir / "manifest.csv", images)
 
+def examine_class(images, name, order, need, params, detector, watermark, data_dir, written) -> None:
+    """One class's files in their seeded `order`, until both splits are full: read, detect exactly one
+    face, check for a watermark, crop and write; each examined row gets its split or why it was dropped."""
+    filled = dict.fromkeys(SPLITS, 0)
+    for i in order:
+        if all(filled[s] >= need[s] for s in SPLITS):
+            break
+        if images.at[i, "status"]:
+            continue
+        rgb, reason = read_image(Path(images.at[i, "source"]), params["max_pixels"])
+        if rgb is None:
+            images.at[i, "status"] = reason
+            continue
+        faces = detector.detect(rgb)
+        images.at[i, "faces"] = len(faces)
+        if len(faces) != 1:
+            images.at[i, "status"] = "no face" if not faces else "several faces"
+            continue
+        face = faces[0]
+        images.loc[i, ["x0", "y0", "x1", "y1"]] = face.box
+        images.at[i, "score"] = face.score
+        if watermark is not None:
+            images.at[i, "watermark_p"] = watermark.probability(rgb)
+            if images.at[i, "watermark_p"] > watermark.threshold:
+                images.at[i, "status"] = "watermark"
+                continue
+        split = "finetune" if filled["finetune"] < need["finetune"] else "eval"
+        filled[split] += 1
+        rel = Path("images") / split / name / f"{Path(images.at[i, 'source']).name}.png"
+        if rel in written:
+            raise DataError(f"{rel} would be written twice; please report this as a bug")
+        written.add(rel)
+        crop = square_crop(rgb, face.box, params["crop_margin"], params["resolution"])
+        images.at[i, "sha256"] = sha256_bytes(save_png(data_dir / rel, crop))
+        images.at[i, "file"] = str(rel)
+        images.at[i, "status"] = split
+
+
+def write_report(images, classes_report, need, detector, watermark, out_dir: Path) -> dict:
+    """class_counts.csv, report.json and metrics.json; returns the classes short of either split."""
     counts = images.pivot_table(index="expression", columns="status", aggfunc="size", fill_value=0)
     counts = counts.reindex(columns=[*SPLITS, *REASONS, "not examined"], fill_value=0)
     # every class folder, the empty ones too (a short class, reported, never silently absent)
@@ -285,14 +308,7 @@ def prepare(params: dict, out_dir: Path, root: Path, detector=None, watermark=No
         out_dir / "metrics.json",
         {k: report[k] for k in ("classes", "files", "finetune_images", "eval_images")},
     )
-    if short:
-        listing = ", ".join(f"{n} ({v['finetune']}+{v['eval']})" for n, v in list(short.items())[:20])
-        raise DataError(
-            f"{len(short)} class(es) have too few usable images for {need['finetune']} fine-tuning + "
-            f"{need['eval']} evaluation: {listing}. See {out_dir / 'report.json'} and the manifest for why; "
-            "add images or lower prepare.<profile>.finetune_per_class / eval_per_class."
-        )
-    return images
+    return short
 
 
 def plot_filter_counts(out_dir: Path, save_to: Path | None = None):
