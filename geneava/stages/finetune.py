@@ -167,39 +167,12 @@ def finetune(
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     alpha, seed = params["alpha"], params["seed"]
 
-    # --- models: SDXL and E_exp from the factory; only the LoRA layers train
-    torch.manual_seed(seed)
-    pipe = models.sdxl_from_params(model_params, prompt_params)
-    unet, vae = pipe.unet, pipe.vae
-    prepare_for_training(pipe, params["rank"])
-    for module in (unet, vae, pipe.text_encoder, pipe.text_encoder_2):
-        module.to(device)
-    if vae.dtype != torch.float32:
-        vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16: encode and decode in fp32
-    cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32 under fp16
-    if params["gradient_checkpointing"]:
-        unet.enable_gradient_checkpointing()
-        vae.enable_gradient_checkpointing()  # the x̂_0 decode is backpropagated through
-    encoder = models.expression_encoder(model_params["expression"], model_params["seed"]).to(device)
-    noise_scheduler = models.training_scheduler(pipe)
-
-    # --- data: captions embedded once per class; real expression embeddings once per image
-    rows = read_split(prepare_dir, "finetune")
-    if rows.empty:
-        raise ParamsError(f"no fine-tuning images in {prepare_dir}; check prepare.*.finetune_per_class")
-    expressions = sorted(rows["expression"].unique())
-    caption_of = torch.tensor([expressions.index(e) for e in rows["expression"]])
+    pipe, encoder = training_models(model_params, prompt_params, params, device)
+    unet, vae, noise_scheduler = pipe.unet, pipe.vae, models.training_scheduler(pipe)
+    rows, caption_of, prompt_embeds, pooled_embeds, real_embeds = training_data(
+        pipe, encoder, prompt_params, prepare_dir, resolution, alpha, device
+    )
     paths = list(rows["path"])
-    with torch.no_grad():
-        prompt_embeds, _, pooled_embeds, _ = pipe.encode_prompt(
-            [prompts.caption(prompt_params, e) for e in expressions],
-            device=device,
-            do_classifier_free_guidance=False,
-        )
-        real_embeds = None
-        if alpha > 0:  # E_exp(x_0) is fixed: compute it once per image, in batches
-            chunks = [paths[i : i + 16] for i in range(0, len(paths), 16)]
-            real_embeds = torch.cat([encoder.embed(load_images(c, resolution).to(device)) for c in chunks])
 
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -288,24 +261,72 @@ def finetune(
     accelerator.wait_for_everyone()
     history = pd.DataFrame(history, columns=["step", "epoch", "loss", "loss_dm", "loss_exp"])
     if accelerator.is_main_process:
-        lora_file = save_lora(accelerator.unwrap_model(unet), out_dir / "lora")
-        write_csv(out_dir / "loss.csv", history)
-        last = history[history["epoch"] == history["epoch"].max()]
-        write_json(
-            out_dir / "metrics.json",
-            {
-                "steps": int(step),
-                "images": len(paths),
-                "processes": world,
-                "final_loss": float(history["loss"].iloc[-1]),
-                "mean_loss_last_epoch": float(last["loss"].mean()),
-                "mean_loss_dm_last_epoch": float(last["loss_dm"].mean()),
-                "mean_loss_exp_last_epoch": float(last["loss_exp"].mean()),
-                "lora_sha256": sha256_file(lora_file),
-            },
-        )
+        write_outputs(accelerator.unwrap_model(unet), history, step, len(paths), world, out_dir)
     accelerator.end_training()
     return history
+
+
+def training_models(model_params: dict, prompt_params: dict, params: dict, device) -> tuple:
+    """SDXL and E_exp from the factory, on `device`; only the LoRA layers (rank `params["rank"]`) train.
+    Seeded first, so the LoRA's initial weights are the run's."""
+    torch.manual_seed(params["seed"])
+    pipe = models.sdxl_from_params(model_params, prompt_params)
+    unet, vae = pipe.unet, pipe.vae
+    prepare_for_training(pipe, params["rank"])
+    for module in (unet, vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.to(device)
+    if vae.dtype != torch.float32:
+        vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16: encode and decode in fp32
+    cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32 under fp16
+    if params["gradient_checkpointing"]:
+        unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()  # the x̂_0 decode is backpropagated through
+    encoder = models.expression_encoder(model_params["expression"], model_params["seed"]).to(device)
+    return pipe, encoder
+
+
+def training_data(
+    pipe, encoder, prompt_params: dict, prepare_dir: Path, resolution: int, alpha: float, device
+):
+    """The fine-tuning split, each row's caption index, the captions embedded once per class, and (alpha >
+    0) the real images' expression embeddings E_exp(x_0), once per image: both are fixed in training."""
+    rows = read_split(prepare_dir, "finetune")
+    if rows.empty:
+        raise ParamsError(f"no fine-tuning images in {prepare_dir}; check prepare.*.finetune_per_class")
+    expressions = sorted(rows["expression"].unique())
+    caption_of = torch.tensor([expressions.index(e) for e in rows["expression"]])
+    paths = list(rows["path"])
+    with torch.no_grad():
+        prompt_embeds, _, pooled_embeds, _ = pipe.encode_prompt(
+            [prompts.caption(prompt_params, e) for e in expressions],
+            device=device,
+            do_classifier_free_guidance=False,
+        )
+        real_embeds = None
+        if alpha > 0:  # computed in batches
+            chunks = [paths[i : i + 16] for i in range(0, len(paths), 16)]
+            real_embeds = torch.cat([encoder.embed(load_images(c, resolution).to(device)) for c in chunks])
+    return rows, caption_of, prompt_embeds, pooled_embeds, real_embeds
+
+
+def write_outputs(unet, history: pd.DataFrame, step: int, images: int, world: int, out_dir: Path) -> None:
+    """lora/ (diffusers' layout), loss.csv and metrics.json."""
+    lora_file = save_lora(unet, out_dir / "lora")
+    write_csv(out_dir / "loss.csv", history)
+    last = history[history["epoch"] == history["epoch"].max()]
+    write_json(
+        out_dir / "metrics.json",
+        {
+            "steps": int(step),
+            "images": images,
+            "processes": world,
+            "final_loss": float(history["loss"].iloc[-1]),
+            "mean_loss_last_epoch": float(last["loss"].mean()),
+            "mean_loss_dm_last_epoch": float(last["loss_dm"].mean()),
+            "mean_loss_exp_last_epoch": float(last["loss_exp"].mean()),
+            "lora_sha256": sha256_file(lora_file),
+        },
+    )
 
 
 # ------------------------------------------------------------------ entry points

@@ -163,10 +163,9 @@ def generate(
     settings = _settings(model_params, params, lora_sha)
     rows, key = plan(model_params, prompt_params, params, lora_sha)
     items = row_items(rows, out_dir)
-    if state.is_main_process:
+    if state.is_main_process:  # temporaries of a killed run, and rows no longer asked for, go
         resume.start(out_dir)
-        keep = [out_dir / f for f in rows["file"]] + [it.record for it in items]
-        resume.prune(out_dir / "images", keep)
+        resume.prune(out_dir / "images", [out_dir / f for f in rows["file"]] + [it.record for it in items])
         write_json(out_dir / "run.json", settings)
     state.wait_for_everyone()
 
@@ -226,9 +225,12 @@ def generate(
             barrier=state.wait_for_everyone,
             progress=bar.update,
         )
-    if not state.is_main_process:
-        return rows
+    return write_manifest(rows, records, settings, out_dir) if state.is_main_process else rows
 
+
+def write_manifest(rows: pd.DataFrame, records: dict, settings: dict, out_dir: Path) -> pd.DataFrame:
+    """manifest.csv (each row with its seed used, attempt, QC outcome, hash and the run's settings) and
+    report.json (balance_report)."""
     columns = ["row_id", "seed_used", "attempt", "qc", "faces", "sha256"]
     done = pd.DataFrame([{c: records[r][c] for c in columns} for r in rows["row_id"]], columns=columns)
     manifest = rows.merge(done, on="row_id", validate="one_to_one")
