@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -190,21 +191,9 @@ def generate(
             if params["qc"]:
                 verdict, n_faces = qc.image_check(detector, np.asarray(img), params["qc_border"])
 
-            def finish(final, row=row, seed=seed, k=k, img=img, verdict=verdict, n_faces=n_faces) -> dict:
-                if not final:
-                    return {"row_id": row.row_id}
-                data = save_png(out_dir / row.file, img)
-                qc_label = (verdict or "pass") if params["qc"] else "not checked"
-                return {
-                    "row_id": row.row_id,
-                    "seed_used": seed,
-                    "attempt": k,
-                    "qc": qc_label,
-                    "faces": n_faces,
-                    "sha256": sha256_bytes(data),
-                    "files": [row.file],
-                }
-
+            qc_label = (verdict or "pass") if params["qc"] else "not checked"
+            found = {"seed_used": seed, "attempt": k, "qc": qc_label, "faces": n_faces}
+            finish = partial(_row_record, out_dir, row, img, found)
             outcomes.append(resume.Outcome(verdict, finish))
         return outcomes
 
@@ -226,6 +215,14 @@ def generate(
             progress=bar.update,
         )
     return write_manifest(rows, records, settings, out_dir) if state.is_main_process else rows
+
+
+def _row_record(out_dir: Path, row, img, found: dict, final: bool) -> dict:
+    """A rendered row's record: written out (PNG, hash) when it is the row's final attempt."""
+    if not final:
+        return {"row_id": row.row_id}
+    data = save_png(out_dir / row.file, img)
+    return {"row_id": row.row_id, **found, "sha256": sha256_bytes(data), "files": [row.file]}
 
 
 def write_manifest(rows: pd.DataFrame, records: dict, settings: dict, out_dir: Path) -> pd.DataFrame:
