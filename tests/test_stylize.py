@@ -220,7 +220,7 @@ def test_derived_expression_check_separates_own_avatars_from_other_expressions(d
 
 
 def test_expression_pairs_file_errors_say_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="geneava.world.standin --ensure data"):
+    with pytest.raises(FileNotFoundError, match="geneava.world.dataset --ensure data"):
         stylize.read_expression_pairs(tmp_path / "missing.csv")
     (tmp_path / "p.csv").write_text("face\na.png\n")
     with pytest.raises(ValueError, match="other"):
