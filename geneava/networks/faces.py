@@ -100,7 +100,7 @@ class RetinaFaceDetector:
         if not any(pack_dir.glob("det_*.onnx")):
             raise FileNotFoundError(
                 f"no RetinaFace model in {pack_dir} (expected det_*.onnx). Unpack insightface's "
-                f"'{pack}' pack there and set prepare.<profile>.detector_root, or use detector: dlib."
+                f"'{pack}' pack there and set detector.<profile>.detector_root, or use detector: dlib."
             )
         from insightface.app import FaceAnalysis
 
