@@ -21,8 +21,8 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 repro: setup
-	$(BIN)/python -m geneava.core.config > /dev/null
 	$(BIN)/python -m geneava.world.dataset --ensure data
+	$(BIN)/python -m geneava.core.config > /dev/null
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 	@cat outputs/evaluate/table1.md

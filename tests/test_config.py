@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from geneava.core import config
+from geneava.core import config, schema
 from geneava.core.config import ParamsError
 
 from .conftest import ROOT
@@ -156,6 +156,9 @@ def test_one_detector_block_reaches_every_stage_that_finds_faces(tmp_path):
     """The `detector` section is the only place a detector is named: each reader's block carries it, a
     missing detector file stops any of them, and a detector key left in a stage's block is refused with
     where it belongs."""
+    assert config.DETECTOR_READERS == ("prepare", "generate", "evaluate")
+    for section, fields in config.SCHEMA.items():  # the detector's keys live in its section only
+        assert section == "detector" or not set(schema.DETECTOR) & set(fields), section
     raw = _raw()
     raw["detector"]["default"]["detector"] = "dlib"
     good = tmp_path / "good.yaml"
@@ -181,7 +184,16 @@ def test_hub_ids_and_names_are_not_paths():
     raw["models"]["default"]["sdxl"] = "stabilityai/stable-diffusion-xl-base-1.0"
     raw["evaluate"]["default"]["clip"] = "openai/clip-vit-large-patch14"
     raw["detector"]["default"]["detector"] = "auto"
+    raw["memorization"]["default"]["derive"] = "none"  # data/ (a make repro output) may not exist here
+    raw["stylize"]["default"]["expression_pairs"] = None
     config.check_sources(raw, "default")  # no error: loaded by hub id or by name
+
+
+def test_a_missing_pairs_file_says_how_data_is_made(tmp_path):
+    raw = config.validate(_raw())
+    raw["memorization"]["default"]["derive"] = "data/no_such_pairs.csv"
+    with pytest.raises(ParamsError, match=r"memorization\.default\.derive = .*make repro"):
+        config.check_sources(raw, "default", ("memorization",))
 
 
 def test_an_empty_params_file_says_it_is_empty(tmp_path):

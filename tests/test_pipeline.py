@@ -99,7 +99,7 @@ def clone(tmp_path_factory) -> Path:
     # fewer images and steps, and every image used whatever QC says
     for path, value in SMALL.items():
         _edit(dest, path, value)
-    _run([sys.executable, "-m", "geneava.world.standin", "--ensure", "data"], dest)
+    _run([sys.executable, "-m", "geneava.world.dataset", "--ensure", "data"], dest)
     _run([BIN / "dvc", "repro"], dest)
     return dest
 
@@ -115,8 +115,9 @@ def test_repro_runs_every_stage_through_papermill(clone):
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
     # prepare ran the detector the params name (the world's trained RetinaFace) and filled every class
     report = json.loads((clone / "outputs/prepare/report.json").read_text())
-    prep = yaml.safe_load((clone / "params.yaml").read_text())["detector"]["default"]
-    assert report["detector"] == f"retinaface-torch ({Path(prep['detector']).name})"
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    prep, det = params["prepare"]["default"], params["detector"]["default"]
+    assert report["detector"] == f"retinaface-torch ({Path(det['detector']).name})"
     assert not report["short_classes"]
     assert report["finetune_images"] == 135 * prep["finetune_per_class"]
     assert report["eval_images"] == 135 * prep["eval_per_class"]

@@ -223,7 +223,10 @@ def test_expression_pairs_file_errors_say_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="geneava.world.dataset --ensure data"):
         stylize.read_expression_pairs(tmp_path / "missing.csv")
     (tmp_path / "p.csv").write_text("face\na.png\n")
-    with pytest.raises(ValueError, match="other"):
+    with pytest.raises(ValueError, match=r"missing \['other'\]"):
+        stylize.read_expression_pairs(tmp_path / "p.csv")
+    (tmp_path / "p.csv").write_text("face,other\n")
+    with pytest.raises(ValueError, match=r"needs rows"):
         stylize.read_expression_pairs(tmp_path / "p.csv")
 
 

@@ -90,9 +90,11 @@ def check_sources(params: dict, profile: str, stages: tuple[str, ...] | None = N
         if hub and HUB_ID.match(str(value)):
             continue  # a hub id (with network access, or already in the local hub cache)
         options = f"one of {', '.join(names)}, " if names else ""
+        if Path(str(value)).parts[:1] == ("data",):  # the stand-in's files: make repro writes them
+            options += "`make repro` (or `python -m geneava.world.dataset --ensure data`) for data/, "
         raise ParamsError(
             f"params.yaml: {stage}.{profile}.{key} = {value!r}: no such file or folder ({where}; relative "
-            f"paths mean the project root). Put the weights there, fix the path, or use "
+            f"paths mean the project root). Put the file there, fix the path, or use "
             f"{options}{'a hub id, ' if hub else ''}as the comment beside the key says."
         )
 
