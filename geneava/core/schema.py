@@ -9,7 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 PROFILES = ("default", "paper")
-STYLIZERS = ("cartoon", "dctnet", "sdxl_img2img", "passthrough")  # geneava.networks.stylizers builds each
+# The names each choice accepts, defined once: the module named beside each builds them.
+STYLIZERS = ("cartoon", "dctnet", "sdxl_img2img", "passthrough")  # geneava.networks.stylizers
+DETECTORS = ("auto", "retinaface", "dlib")  # geneava.networks.faces (also tiny, a RetinaFace checkpoint)
+IDENTITY_MODELS = ("auto", "arcface", "dlib")  # geneava.networks.identity (also a .safetensors network)
 DETECTOR_READERS = ("prepare", "generate", "evaluate")  # stages that find faces: they read `detector`
 DETECTOR = ("detector", "detector_root", "detector_pack")  # the `detector` section's keys
 
@@ -85,9 +88,9 @@ def torch_retinaface(name: str) -> bool:
 
 def detector(key: str, v: Any) -> Any:
     """A face detector: auto, retinaface (insightface pack), dlib, or a PyTorch RetinaFace."""
-    if isinstance(v, str) and (v in ("auto", "retinaface", "dlib") or torch_retinaface(v)):
+    if isinstance(v, str) and (v in DETECTORS or torch_retinaface(v)):
         return v
-    _fail(key, v, "auto, retinaface, dlib, tiny or a RetinaFace checkpoint (.safetensors or .pth)")
+    _fail(key, v, f"{', '.join(DETECTORS)}, tiny or a RetinaFace checkpoint (.safetensors or .pth)")
 
 
 def boolean(key: str, v: Any) -> Any:
@@ -130,7 +133,7 @@ def any_text(key: str, v: Any) -> Any:
 def identity_source(key: str, v: Any) -> Any:
     if isinstance(v, str) and v.endswith(".safetensors"):
         return v
-    return text(("auto", "arcface", "dlib"))(key, v)
+    return text(IDENTITY_MODELS)(key, v)
 
 
 SCHEMA: dict[str, dict[str, Callable]] = {
@@ -320,13 +323,13 @@ SCHEMA: dict[str, dict[str, Callable]] = {
 WEIGHT_KEYS: tuple[tuple[str, str, tuple[str, ...], bool, Callable[[dict], bool]], ...] = (
     ("models", "sdxl", ("tiny",), True, lambda b: True),
     ("models", "expression", ("tiny",), False, lambda b: True),
-    ("detector", "detector", ("auto", "retinaface", "dlib", "tiny"), False, lambda b: True),
+    ("detector", "detector", (*DETECTORS, "tiny"), False, lambda b: True),
     ("prepare", "watermark", ("none", "tiny"), False, lambda b: True),
     ("evaluate", "clip", ("tiny",), True, lambda b: True),
     ("evaluate", "dino", ("tiny",), True, lambda b: True),
     ("evaluate", "lpips", ("random", "torchvision"), False, lambda b: True),
-    ("memorization", "identity", ("auto", "arcface", "dlib"), False, lambda b: True),
-    ("stylize", "identity", ("auto", "arcface", "dlib"), False, lambda b: True),
+    ("memorization", "identity", IDENTITY_MODELS, False, lambda b: True),
+    ("stylize", "identity", IDENTITY_MODELS, False, lambda b: True),
     ("stylize", "dctnet", ("tiny",), False, lambda b: b["stylizer"] == "dctnet"),
     ("stylize", "lora", (), False, lambda b: b["stylizer"] == "sdxl_img2img" and b["lora"] is not None),
     # not weights, but local files a stage reads: the labelled pairs of the derived thresholds

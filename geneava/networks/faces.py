@@ -25,7 +25,7 @@ from geneava.core import config, schema
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("auto", "retinaface", "dlib")
+DETECTORS = schema.DETECTORS  # the names validation accepts; face_detector builds each
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,14 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from geneava.core import config
+from geneava.core import config, schema
 from geneava.core.io import cached_tensors, sha256_file, source_fingerprint
 from geneava.networks.faces import DlibDetector, dlib_model_dir
 from geneava.networks.poster import BottleneckIR
 
 log = logging.getLogger(__name__)
 
-IDENTITY_MODELS = ("auto", "arcface", "dlib")
+IDENTITY_MODELS = schema.IDENTITY_MODELS  # the names validation accepts; identity_model builds each
 
 
 class DlibIdentity:
