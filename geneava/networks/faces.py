@@ -5,10 +5,13 @@ Two real detectors behind one interface, `detect(rgb) -> list[Face]`:
   folder (`<root>/models/<pack>`, e.g. ~/.insightface/models/buffalo_l); what the paper used.
 - `dlib`: dlib's MMOD CNN face detector plus its 5-point landmark model, whose weights ship inside the
   `face-recognition-models` wheel: a real detector that runs offline.
-`auto` takes RetinaFace when its models are present and dlib otherwise; the stage reports which ran.
 - a RetinaFace checkpoint (`.safetensors`, `.pth`) or `tiny`: `geneava.networks.retinaface`, the same
-  network in PyTorch; the default profile uses the one the world stage trained on its faces (dlib's MMOD, a
-  detector of real photos, missed 45% of the world's generated Black faces and 5% of White ones).
+  network in PyTorch. Setup fetches the real one trained on WIDER FACE
+  (`models/pretrained/retinaface-mobilenet0.25.pth`, geneava.networks.pretrained); the default profile uses
+  the one the world stage trained on its faces (dlib's MMOD, a detector of real photos, missed 45% of the
+  world's generated Black faces and 5% of White ones).
+`auto` takes insightface's RetinaFace when its pack is present, else the fetched PyTorch RetinaFace, else
+dlib; the detector's `name` says which ran and the stages report it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from geneava.core import config, schema
 log = logging.getLogger(__name__)
 
 DETECTORS = schema.DETECTORS  # the names validation accepts; face_detector builds each
+PRETRAINED_RETINAFACE = "retinaface-mobilenet0.25.pth"  # `auto`'s second choice (geneava.networks.pretrained)
 
 
 @dataclass(frozen=True)
@@ -144,8 +148,9 @@ class TorchRetinaFace:
 def face_detector(
     name: str = "auto", root: str = "~/.insightface", pack: str = "buffalo_l", threshold: float = 0.5
 ):
-    """The detector the params ask for; `auto` falls back to dlib (and says why) without RetinaFace;
-    `tiny` or a .safetensors/.pth checkpoint is our PyTorch RetinaFace. `threshold` is RetinaFace's
+    """The detector the params ask for; `auto` is insightface's RetinaFace pack, else the fetched PyTorch
+    RetinaFace (WIDER FACE), else dlib, saying why it fell back; `tiny` or a .safetensors/.pth
+    checkpoint is our PyTorch RetinaFace. `threshold` is RetinaFace's
     minimum face score (insightface's default 0.5); dlib's MMOD keeps its own rule. Paths mean the
     project root's (config.path), wherever the process runs."""
     root = str(config.path(root))
@@ -162,7 +167,16 @@ def face_detector(
         except FileNotFoundError as e:
             if name == "retinaface":
                 raise
-            log.warning("RetinaFace unavailable, using dlib's MMOD detector instead: %s", e)
+            reason = e
+        from geneava.networks import pretrained
+
+        try:
+            fetched = pretrained.path(PRETRAINED_RETINAFACE)
+        except (FileNotFoundError, RuntimeError) as e:
+            log.warning("no RetinaFace (%s; %s): using dlib's MMOD detector instead", reason, e)
+            return DlibDetector()
+        log.warning("no insightface RetinaFace pack (%s): using the fetched PyTorch RetinaFace", reason)
+        return TorchRetinaFace(str(fetched), threshold)
     return DlibDetector()
 
 

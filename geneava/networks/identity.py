@@ -7,7 +7,11 @@ Two real identity models behind one interface, `embed(rgb) -> (vector, face_foun
 - `dlib`: dlib's ResNet 128-d face descriptor with its MMOD detector and 5-point alignment, whose weights
   ship in the `face-recognition-models` wheel: an LFW-grade identity model that runs offline. Its own
   rule is Euclidean distance < 0.6.
-`auto` takes ArcFace when its models are present and dlib otherwise; reports say which ran. The default
+- `sface`: OpenCV Zoo's SFace (128-d, LFW 99.40%), fetched by setup from a registry package
+  (geneava.networks.pretrained), on faces found by the fetched RetinaFace and aligned on its five
+  landmarks by OpenCV's own `FaceRecognizerSF.alignCrop`, as OpenCV runs it. Its own rule is OpenCV's cosine
+  0.363, stated as the equivalent Euclidean distance between unit vectors.
+`auto` takes ArcFace when its models are present, else SFace, else dlib; reports say which ran. The default
 profile's world has its own ArcFace-style network (`WorldArcFace`, trained by `geneava.world.train`).
 An image in which no face is found is embedded whole (as an aligned chip) and flagged.
 """
@@ -90,6 +94,46 @@ class ArcFaceIdentity:
         return self._app.models["recognition"].get_feat(np.ascontiguousarray(chip)).ravel(), False
 
 
+SFACE_FILE = "sface-2021dec.onnx"
+SFACE_COSINE = 0.363  # OpenCV's threshold for SFace (opencv_zoo's face_recognition_sface demo)
+
+
+class SFaceIdentity:
+    """SFace through OpenCV's FaceRecognizerSF: RetinaFace's box and five landmarks in YuNet's row
+    layout (box, right eye, left eye, nose, mouth corners as seen in the image, score), aligned to
+    112x112 by OpenCV, embedded, normalised."""
+
+    name = "sface (opencv zoo 2021dec)"
+    own_rule = ("euclidean", float(np.sqrt(2 - 2 * SFACE_COSINE)))  # = cosine >= 0.363 on unit vectors
+
+    def __init__(self, detector=None):
+        import cv2
+
+        from geneava.networks import pretrained
+        from geneava.networks.faces import PRETRAINED_RETINAFACE, TorchRetinaFace
+
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # OpenCV 5 warns on CPU targets
+        model = pretrained.path(SFACE_FILE)
+        self._rec = cv2.FaceRecognizerSF.create(str(model), "")
+        self._detector = detector or TorchRetinaFace(str(pretrained.path(PRETRAINED_RETINAFACE)))
+        self.weights = source_fingerprint(model)
+
+    def embed(self, rgb: np.ndarray) -> tuple[np.ndarray, bool]:
+        bgr = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[:, :, ::-1])
+        faces = [f for f in self._detector.detect(rgb) if f.landmarks and len(f.landmarks) == 5]
+        if faces:
+            f = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+            x0, y0, x1, y1 = f.box
+            row = np.array([[x0, y0, x1 - x0, y1 - y0, *np.ravel(f.landmarks), f.score]], dtype=np.float32)
+            chip = self._rec.alignCrop(bgr, row)
+        else:
+            chip = np.ascontiguousarray(
+                np.asarray(Image.fromarray(rgb).resize((112, 112), Image.BICUBIC))[:, :, ::-1]
+            )
+        v = self._rec.feature(chip).ravel().astype(np.float64)
+        return v / np.linalg.norm(v), bool(faces)
+
+
 # ------------------------------------------------------------------ the default world's identity network
 
 
@@ -161,7 +205,7 @@ class WorldIdentity:
 
 
 def identity_model(name: str = "auto", root: str = "~/.insightface", pack: str = "buffalo_l"):
-    """The identity model the params ask for; `auto` falls back to dlib (and says why) without ArcFace.
+    """The identity model the params ask for; `auto` is ArcFace, else SFace, else dlib (saying why).
     A path to a `.safetensors` file is the default world's identity network. Paths mean the project
     root's (config.path), wherever the process runs."""
     root = str(config.path(root))
@@ -177,13 +221,22 @@ def identity_model(name: str = "auto", root: str = "~/.insightface", pack: str =
         raise ValueError(
             f"unknown identity model '{name}' (known: {', '.join(IDENTITY_MODELS)}, or a .safetensors file)"
         )
+    if name == "sface":
+        return SFaceIdentity()
     if name in ("auto", "arcface"):
         try:
             return ArcFaceIdentity(root, pack)
         except FileNotFoundError as e:
             if name == "arcface":
                 raise
-            log.warning("ArcFace unavailable, using dlib's 128-d face descriptor instead: %s", e)
+            reason = e
+        try:
+            model = SFaceIdentity()
+        except (FileNotFoundError, RuntimeError) as e:
+            log.warning("no ArcFace (%s) and no SFace (%s): using dlib's 128-d face descriptor", reason, e)
+            return DlibIdentity()
+        log.warning("ArcFace unavailable (%s): using SFace", reason)
+        return model
     return DlibIdentity()
 
 
