@@ -102,7 +102,7 @@ LAYERS = {
     "networks": {"core", "networks"},
     "stages": {"core", "networks", "stages"},
     "world": {"core", "networks", "world"},
-    "tools": {"core", "tools"},
+    "tools": {"core", "networks", "tools"},
 }
 
 
