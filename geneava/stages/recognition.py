@@ -13,7 +13,7 @@ import torch
 
 from geneava.core import emo135, metrics
 from geneava.core.images import read_split
-from geneava.networks import models
+from geneava.networks import fer, models
 from geneava.networks.faces import face_detector
 from geneava.stages.tables import SHORT
 
@@ -30,6 +30,22 @@ RAFDB_PRIMARIES = {
     "anger": ("anger",),
     "neutral": (),
 }
+# The FER2013 mini-Xception's seven classes (geneava.networks.fer, the evaluate stage's optional second
+# opinion) are RAF-DB's under other names, so they fit the same primaries.
+FER_AS_RAFDB = {
+    "angry": "anger",
+    "disgust": "disgust",
+    "fear": "fear",
+    "happy": "happiness",
+    "sad": "sadness",
+    "surprise": "surprise",
+    "neutral": "neutral",
+}
+SECOND_OPINION = "FER2013 mini-Xception (second opinion, not the paper's E_exp)"
+
+
+def _rafdb_table(classes: list[str] | tuple[str, ...]) -> np.ndarray:
+    return np.array([[p in RAFDB_PRIMARIES[c] for p in emo135.PRIMARY] for c in classes])
 
 
 def primary_compatibility(num_classes: int) -> np.ndarray | None:
@@ -42,8 +58,22 @@ def primary_compatibility(num_classes: int) -> np.ndarray | None:
         out[np.arange(num_classes), [prim.index(c.primary) for c in emo135.classes()]] = True
         return out
     if num_classes == len(RAFDB_CLASSES):
-        return np.array([[p in RAFDB_PRIMARIES[c] for p in prim] for c in RAFDB_CLASSES])
+        return _rafdb_table(RAFDB_CLASSES)
     return None
+
+
+def fer_compatibility() -> np.ndarray:
+    """(7 x 6) bool: whether the FER2013 mini-Xception's class k (`fer.CLASSES`) names primary p."""
+    return _rafdb_table([FER_AS_RAFDB[c] for c in fer.CLASSES])
+
+
+def _fits(table: np.ndarray, pred: np.ndarray, expressions: list[str]) -> np.ndarray:
+    """Per image: does predicted class `pred` name the primary of the intended Emo135 class?"""
+    primary = {c.name: list(emo135.PRIMARY).index(c.primary) for c in emo135.classes()}
+    unknown = sorted(set(expressions) - set(primary))
+    if unknown:
+        raise ValueError(f"expressions outside the 135 Emo135 classes: {unknown[:5]}")
+    return table[pred, [primary[e] for e in expressions]]
 
 
 def recognised(encoder, features: torch.Tensor, expressions: list[str]) -> np.ndarray | None:
@@ -53,13 +83,40 @@ def recognised(encoder, features: torch.Tensor, expressions: list[str]) -> np.nd
     table = primary_compatibility(encoder.config.num_classes)
     if table is None:
         return None
-    primary = {c.name: list(emo135.PRIMARY).index(c.primary) for c in emo135.classes()}
-    unknown = sorted(set(expressions) - set(primary))
-    if unknown:
-        raise ValueError(f"expressions outside the 135 Emo135 classes: {unknown[:5]}")
     with torch.no_grad():
         pred = encoder.head(features.to(next(encoder.parameters()).dtype)).argmax(1).cpu().numpy()
-    return table[pred, [primary[e] for e in expressions]]
+    return _fits(table, pred, expressions)
+
+
+def fer_recognised(probabilities: torch.Tensor, expressions: list[str]) -> np.ndarray:
+    """Per image: does the FER2013 mini-Xception's most probable class name the intended primary?"""
+    return _fits(fer_compatibility(), probabilities.argmax(1).cpu().numpy(), expressions)
+
+
+def _shares(gen, gen_emb, ev, ev_emb, classes: list[str], params: dict, judge) -> dict | None:
+    """Recognition shares per variant and for the evaluation faces; `judge(embeddings, expressions)`
+    says per image whether the intended primary was named (None: it cannot tell)."""
+    names = list(gen)
+    ev_ok = judge(ev_emb, ev["expression"].tolist())
+    if ev_ok is None:
+        return None
+    per_variant = {}
+    for v in names:
+        g = gen[v]
+        ok = np.full(len(g), np.nan)
+        ok[g["use"].to_numpy()] = judge(gen_emb[v], g.loc[g["use"], "expression"].tolist())
+        per_variant[v] = [ok[g["expression"].to_numpy() == c][:, None] for c in classes]
+    boot = lambda m: metrics.class_bootstrap(m, params["n_boot"], params["seed"], params["level"])  # noqa: E731
+    table = boot(per_variant)
+    evals = boot({"eval": [ev_ok[ev["expression"].to_numpy() == c][:, None].astype(float) for c in classes]})
+    keep = ("mean", "lo", "hi")
+    return {
+        **{v: {k: table[v][k] for k in keep} for v in names},
+        "difference": {k: table[f"{names[0]} - {names[1]}"][k] for k in keep},
+        "eval": {k: evals["eval"][k] for k in keep},
+        "chance": 1 / len(emo135.PRIMARY),
+        "level": "primary",
+    }
 
 
 def recognition_table(
@@ -74,33 +131,18 @@ def recognition_table(
     """Share of images whose POSTER prediction names the intended primary (one of six; chance is about
     1/6 for a uniform guess): per class, then the mean over classes, with the same paired class
     bootstrap as Table 1 (rows within a class resampled alike for both variants). The evaluation
-    images' share is the ceiling the encoder reaches on real faces."""
-    names = list(gen)
-    ev_ok = recognised(encoder, ev_emb["exp"], ev["expression"].tolist())
-    if ev_ok is None:
-        return {
-            "skipped": f"the expression encoder has {encoder.config.num_classes} classes: neither the 135 "
-            f"Emo135 classes nor RAF-DB's 7, so its predictions cannot be read as primaries"
-        }
-    per_variant = {}
-    for v in names:
-        g = gen[v]
-        ok = np.full(len(g), np.nan)
-        ok[g["use"].to_numpy()] = recognised(
-            encoder, gen_emb[v]["exp"], g.loc[g["use"], "expression"].tolist()
-        )
-        per_variant[v] = [ok[g["expression"].to_numpy() == c][:, None] for c in classes]
-    boot = lambda m: metrics.class_bootstrap(m, params["n_boot"], params["seed"], params["level"])  # noqa: E731
-    table = boot(per_variant)
-    evals = boot({"eval": [ev_ok[ev["expression"].to_numpy() == c][:, None].astype(float) for c in classes]})
-    keep = ("mean", "lo", "hi")
-    return {
-        **{v: {k: table[v][k] for k in keep} for v in names},
-        "difference": {k: table[f"{names[0]} - {names[1]}"][k] for k in keep},
-        "eval": {k: evals["eval"][k] for k in keep},
-        "chance": 1 / len(emo135.PRIMARY),
-        "level": "primary",
+    images' share is the ceiling the encoder reaches on real faces. With FER2013 probabilities among the
+    embeddings (`evaluate.second_opinion: fer`), the same shares by that classifier, under
+    `second_opinion`."""
+    args = (gen, gen_emb, ev, ev_emb, classes, params)
+    out = _shares(*args, lambda emb, expr: recognised(encoder, emb["exp"], expr)) or {
+        "skipped": f"the expression encoder has {encoder.config.num_classes} classes: neither the 135 "
+        f"Emo135 classes nor RAF-DB's 7, so its predictions cannot be read as primaries"
     }
+    if "fer" in ev_emb:
+        shares = _shares(*args, lambda emb, expr: fer_recognised(emb["fer"], expr))
+        out["second_opinion"] = {"model": SECOND_OPINION, **shares}
+    return out
 
 
 def primary_grid(

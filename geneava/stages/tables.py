@@ -81,17 +81,24 @@ def recognition_lines(result: dict) -> list[str]:
     r = result.get("recognition")
     if not r:
         return []
+    second_opinion = _recognition_line(result, r["second_opinion"]) if "second_opinion" in r else []
     if "skipped" in r:
-        return ["", f"Recognition not measured: {r['skipped']}."]
+        return ["", f"Recognition not measured: {r['skipped']}.", *second_opinion]
+    return _recognition_line(result, r, "POSTER") + second_opinion
+
+
+def _recognition_line(result: dict, r: dict, model: str | None = None) -> list[str]:
+    """One recognizer's sentence: POSTER's, or the second opinion's (named by its `model`)."""
     first, second = result.get("variants", VARIANTS)
     pct = lambda s: f"{100 * s['mean']:.1f}% [{100 * s['lo']:.1f}, {100 * s['hi']:.1f}]"  # noqa: E731
     points = lambda s: f"{100 * s['mean']:+.1f} [{100 * s['lo']:+.1f}, {100 * s['hi']:+.1f}]"  # noqa: E731
     short = lambda v: SHORT.get(v, v)  # noqa: E731
     return [
         "",
-        "Recognition (↑): share of images for which POSTER names the intended primary expression (one of "
-        f"six; chance {100 * r['chance']:.0f}%), mean over classes [{round(100 * result['level'])}% CI]: "
-        f"{short(second)} {pct(r[second])}, {short(first)} {pct(r[first])}, "
+        f"Recognition (↑): share of images for which {model or r['model']} names the intended primary "
+        f"expression (one of six; chance {100 * r['chance']:.0f}%), mean over classes "
+        f"[{round(100 * result['level'])}% CI]: {short(second)} {pct(r[second])}, "
+        f"{short(first)} {pct(r[first])}, "
         f"Δ {short(first)} − {short(second)} {points(r['difference'])} points; "
         f"real evaluation faces {pct(r['eval'])}.",
     ]

@@ -54,10 +54,33 @@ def _table1(ev: dict) -> list[str]:
     return out + [
         "",
         f"Recognition (POSTER names the intended {rec['level']} expression; chance {_pct(rec['chance'])}): "
+        f"{_recognition(rec)}",
+    ]
+
+
+def _recognition(rec: dict) -> str:
+    return (
         f"fine-tuned {_ci(rec['finetuned'], 1, 100)}%, baseline {_ci(rec['baseline'], 1, 100)}%, "
         f"difference {_ci(rec['difference'], 1, 100, sign=True)} points; the evaluation set's real "
-        f"photos {_ci(rec['eval'], 1, 100)}%.",
-    ]
+        f"photos {_ci(rec['eval'], 1, 100)}%."
+    )
+
+
+def _model_line(ev: dict) -> str:
+    """Which networks measured Table 1's columns (evaluate's metrics.json records its sources)."""
+    models = ev.get("models")
+    if not models:
+        return "The metrics do not record which networks measured CLIP, DINOv2 and LPIPS."
+
+    def said(key: str) -> str:
+        source = str(models[key])
+        if source in ("tiny", "random"):
+            return "a seeded random twin (it tests the machinery, not perception)"
+        if source.endswith("lpips-alexnet.ckpt"):
+            return "the real ImageNet AlexNet with LPIPS v0.1's heads (fetched by setup, docs/pretrained.md)"
+        return f"`{source}`"
+
+    return f"CLIP: {said('clip')}; DINOv2: {said('dino')}; LPIPS: {said('lpips')}."
 
 
 def readme_block(root: Path) -> str:
@@ -68,6 +91,8 @@ def readme_block(root: Path) -> str:
             f"Table 1 on the miniature world (per-class pairing, {ev['level']:.0%} paired bootstrap CIs):",
             "",
             *_table1(ev),
+            "",
+            _model_line(ev),
         ]
     )
 
@@ -116,8 +141,16 @@ def render(root: Path) -> str:
         f"({ev['classes']} classes; `outputs/evaluate/metrics.json`).",
         "",
     ]
+    second = ev["recognition"].get("second_opinion")
     out += _table1(ev) + [
         "",
+        _model_line(ev),
+        "",
+        *(
+            [f"Second opinion: {second['model']}, naming the intended primary: {_recognition(second)}", ""]
+            if second
+            else []
+        ),
         f"## Ablation: α = {ab['alpha']} against α = {ab['finetune_alpha']} (same steps, prompts, seeds)",
         "",
         "| metric | α=1 − α=0 | α=0 − baseline |",
