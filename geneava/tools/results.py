@@ -75,12 +75,16 @@ def _model_line(ev: dict) -> str:
     def said(key: str) -> str:
         source = str(models[key])
         if source in ("tiny", "random"):
-            return "a seeded random twin (it tests the machinery, not perception)"
+            return "seeded random weights of the same architecture (testing the machinery, not perception)"
         if source.endswith("lpips-alexnet.ckpt"):
             return "the real ImageNet AlexNet with LPIPS v0.1's heads (fetched by setup, docs/pretrained.md)"
         return f"`{source}`"
 
-    return f"CLIP: {said('clip')}; DINOv2: {said('dino')}; LPIPS: {said('lpips')}."
+    names = {"clip": "CLIP", "dino": "DINOv2", "lpips": "LPIPS"}
+    groups: dict[str, list[str]] = {}
+    for key, name in names.items():
+        groups.setdefault(said(key), []).append(name)
+    return "; ".join(f"{' and '.join(who)}: {what}" for what, who in groups.items()) + "."
 
 
 def readme_block(root: Path) -> str:
