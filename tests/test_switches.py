@@ -20,6 +20,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from geneava.core import checkpoints
 from geneava.stages import finetune, generate
@@ -125,14 +126,15 @@ def _relative_error(g: torch.Tensor, reference: torch.Tensor) -> float:
     ("objective", "loss_rel", "grad_rel"),
     [
         # L_dm alone: what bf16 costs a UNet. bf16 keeps 8 significant bits (steps of 2**-8 = 0.4%); the
-        # losses, means of many rounded terms, agree to 5e-4 and the gradients to 1-1.5% (measured)
-        pytest.param("L_dm only", {"loss": 2e-3}, 0.05, id="L_dm"),
+        # losses, means of many rounded terms, agree to 5e-4 and the gradients to 1.0% and 1.4% at the two
+        # steps (measured); the bounds are about twice that
+        pytest.param("L_dm only", {"loss": 1e-3}, (0.02, 0.03), id="L_dm"),
         # the paper's L = L_dm + L_exp: the same, but x̂_0 = (z_t - sqrt(1 - ᾱ_t) ε_θ) / sqrt(ᾱ_t) multiplies
         # ε_θ's rounding by sqrt(1 - ᾱ_t) / sqrt(ᾱ_t), 10 at t = 936 in these batches: L_exp differs by
-        # 1.2% and its gradients by 27% at the first step (12% at the second), measured. Not a bug: the
-        # method's own sensitivity to the precision of ε_θ at high noise (fp16, the paper profile's choice,
-        # rounds 8 times finer)
-        pytest.param("L", {"loss_dm": 2e-3, "loss_exp": 0.05}, 0.5, id="L"),
+        # 1.2% and its gradients by 27% at the first step and 12% at the second, measured (bounds: twice
+        # that, 1.5 times the first step's). Not a bug: the method's own sensitivity to the precision of ε_θ
+        # at high noise (fp16, the paper profile's choice, rounds 8 times finer)
+        pytest.param("L", {"loss_dm": 1e-3, "loss_exp": 0.025}, (0.4, 0.25), id="L"),
     ],
 )
 def test_bf16_mixed_precision_autocasts_the_unet_and_keeps_the_decode_in_fp32(
@@ -152,7 +154,7 @@ def test_bf16_mixed_precision_autocasts_the_unet_and_keeps_the_decode_in_fp32(
         assert history[col].tolist() == pytest.approx(ref_history[col].tolist(), rel=rel), col
     for step in (0, 1):
         g, g0 = (torch.cat([w.grads[n][step].flatten() for n in sorted(w.grads)]) for w in (bf16, ref))
-        assert _relative_error(g, g0) < grad_rel, step
+        assert _relative_error(g, g0) < grad_rel[step], step
     assert all(torch.isfinite(v).all() for v in lora.values())
 
 
@@ -195,18 +197,52 @@ def test_accumulated_steps_resume_from_a_cut_mid_window_to_the_uninterrupted_res
     p = dict(batch_size=2, gradient_accumulation_steps=3, max_train_steps=6, checkpoint_every=2)
     real = finetune.losses_for_batch
     calls = {"n": 0, "kill_at": None}
+    own = []  # each micro-batch's own gradient, d(its loss)/d(LoRA)
 
     def counted(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == calls["kill_at"]:
             raise Killed
-        return real(*args, **kwargs)
+        losses = real(*args, **kwargs)
+        if len(own) < 6:  # the first two windows of the uninterrupted run
+            lora = [q for q in args[0].parameters() if q.requires_grad]  # the optimizer's order
+            grads = torch.autograd.grad(losses[0], lora, retain_graph=True)  # leaves .grad alone
+            own.append(torch.cat([g.flatten() for g in grads]))
+        return losses
 
     monkeypatch.setattr(finetune, "losses_for_batch", counted)
 
-    whole = _finetune(default, prepared, tmp_path / "whole", **p)
+    stepped = []  # the gradient each AdamW step was taken with
+
+    def before_step(optimizer, args, kwargs):
+        stepped.append(torch.cat([q.grad.flatten() for g in optimizer.param_groups for q in g["params"]]))
+
+    with pytest.MonkeyPatch.context() as mp:
+        watch = Watch(mp)  # .grad after each backward
+        hook = register_optimizer_step_pre_hook(before_step)
+        try:
+            whole = _finetune(default, prepared, tmp_path / "whole", **p)
+        finally:
+            hook.remove()
     assert calls["n"] == 18 and list(whole["step"]) == [1, 2, 3, 4, 5, 6]  # 3 micro-batches a step
     assert list(whole["epoch"]) == [0, 0, 1, 1, 2, 2]
+    # the gradients accumulate: after micro-batch k of a window .grad holds the mean so far (accelerate
+    # divides each loss by 3) of the window's own gradients, a window starts from zero, and AdamW steps once
+    # a window, with the mean of its three (float sums in another order: 1-1.5e-6 relative, measured)
+    names = [n for n, q in watch.pipe.unet.named_parameters() if q.requires_grad]
+    after = [torch.cat([watch.grads[n][k].flatten() for n in names]) for k in range(6)]
+    assert len(own) == 6 and len(stepped) == 6
+    for w in (0, 1):
+        window = own[3 * w : 3 * w + 3]
+        for k in range(3):
+            rel = _relative_error(after[3 * w + k], sum(window[: k + 1]) / 3)
+            assert rel < 1e-5, (w, k)
+        rel = _relative_error(stepped[w], sum(window) / 3)
+        assert rel < 1e-5, w
+        torch.testing.assert_close(stepped[w], after[3 * w + 2], rtol=0, atol=0)  # the window's .grad
+        # not the last micro-batch's gradient alone, what zeroing .grad each micro-batch would leave (they
+        # differ by 0.96 and 1.24 of its norm, measured)
+        assert _relative_error(stepped[w], window[-1] / 3) > 0.5, w
 
     killed = tmp_path / "killed"
     calls.update(n=0, kill_at=14)  # micro-batches 12 and 13 (0-based) of the window 12-14 ran: cut there
@@ -336,8 +372,10 @@ def test_compiled_unet_gives_the_same_images(default, trained, plain, tmp_path):
     from torch._dynamo.eval_frame import OptimizedModule
     from torch._dynamo.utils import counters
 
-    graphs = counters["stats"]["unique_graphs"]
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     images, pipe, _ = _generate(default, tmp_path, trained / "lora", compile=True)
     assert isinstance(pipe.unet, OptimizedModule)
-    assert counters["stats"]["unique_graphs"] > graphs  # dynamo captured the UNet (fullgraph: as one graph)
+    # dynamo captured the UNet as exactly one graph over the 20 denoising steps: no break, no recompile
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert sum(counters["graph_break"].values()) == breaks
     _assert_float_noise(images, plain[0])
