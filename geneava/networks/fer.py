@@ -178,9 +178,12 @@ def load(path: str | Path) -> MiniXception:
     """The classifier from the Keras HDF5 file at `path` (see the module docstring), in eval mode."""
     import h5py
 
+    from geneava.networks import pretrained
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: it is fetched by setup. Run `make setup`.")
+    path = pretrained.checked(path)
     try:
         with h5py.File(path, "r") as f:
             layers = check_config(json.loads(f.attrs["model_config"]))

@@ -231,8 +231,8 @@ def identity_model(name: str = "auto", root: str = "~/.insightface", pack: str =
                 raise
             reason = e
         try:
-            model = SFaceIdentity()
-        except (FileNotFoundError, RuntimeError) as e:
+            model = SFaceIdentity()  # an altered fetched file stops here rather than falling back
+        except FileNotFoundError as e:
             log.warning("no ArcFace (%s) and no SFace (%s): using dlib's 128-d face descriptor", reason, e)
             return DlibIdentity()
         log.warning("ArcFace unavailable (%s): using SFace", reason)

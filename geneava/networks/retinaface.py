@@ -266,6 +266,9 @@ def load(path: str | Path) -> RetinaFace:
             f"{path} not found: the world's detector is trained by the world stage (models/world), or "
             "download mobilenet0.25_Final.pth of biubug6/Pytorch_Retinaface (see docs/stages/prepare.md)"
         )
+    from geneava.networks import pretrained
+
+    path = pretrained.checked(path)  # the fetched RetinaFace: verified against its pin
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
