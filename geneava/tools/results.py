@@ -61,8 +61,8 @@ def _table1(ev: dict) -> list[str]:
 def _recognition(rec: dict) -> str:
     return (
         f"fine-tuned {_ci(rec['finetuned'], 1, 100)}%, baseline {_ci(rec['baseline'], 1, 100)}%, "
-        f"difference {_ci(rec['difference'], 1, 100, sign=True)} points; the evaluation set's real "
-        f"photos {_ci(rec['eval'], 1, 100)}%."
+        f"difference {_ci(rec['difference'], 1, 100, sign=True)} points; the evaluation set's "
+        f"own faces {_ci(rec['eval'], 1, 100)}%."
     )
 
 
