@@ -95,6 +95,8 @@ def clone(tmp_path_factory) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     _run(["git", "init", "-q"], dest)
+    # what setup fetched (git-ignored, as in a fresh clone after `make setup`)
+    shutil.copytree(ROOT / "models/pretrained", dest / "models/pretrained", dirs_exist_ok=True)
     # the DAG's machinery at a smaller size than the default run (which `make repro` shows in ~10 min):
     # fewer images and steps, and every image used whatever QC says
     for path, value in SMALL.items():

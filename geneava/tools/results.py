@@ -151,7 +151,11 @@ def render(root: Path) -> str:
         _model_line(ev),
         "",
         *(
-            [f"Second opinion: {second['model']}, naming the intended primary: {_recognition(second)}", ""]
+            [
+                f"Second opinion: {second['model']}, naming the intended {second['level']} expression "
+                f"(chance {_pct(second['chance'])}): {_recognition(second)}",
+                "",
+            ]
             if second
             else []
         ),
