@@ -1,4 +1,5 @@
-"""Reading the project's images: RGB with EXIF orientation, batches as tensors, and the prepared splits.
+"""Reading the project's images: RGB with EXIF orientation, batches as tensors, PIL-faithful resizing of
+tensors, and the prepared splits.
 
 Shared by every stage and network that reads a file (prepare writes the splits; the others read them).
 """
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 
@@ -18,6 +20,18 @@ def load_rgb(path: Path) -> Image.Image:
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         return im.convert("RGB")
+
+
+def resize_like_pil(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, size, size) as PIL's bilinear resize (torchvision's `Resize` on PIL images)
+    computes it: a triangle filter widened by the scale when shrinking (antialiased), plain bilinear when
+    enlarging. Differentiable. Unchanged sizes pass through; enlarging keeps the plain bilinear kernel
+    (the same weights as PIL's there, and bit for bit what this function did before it antialiased)."""
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    shrinking = h > size or w > size
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)
 
 
 def load_images(paths: list[str], resolution: int) -> torch.Tensor:

@@ -168,6 +168,8 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "sdxl": text(),
         # POSTER: "tiny" or the path of an official checkpoint (.pth/.pth.tar/.safetensors)
         "expression": text(),
+        # the channel order POSTER's checkpoint was trained on; auto: from the file (poster.py)
+        "expression_channels": text(("auto", "rgb", "bgr")),
         "seed": integer(0),
         "dtype": text(("float32", "float16", "bfloat16")),
         "local_files_only": boolean,

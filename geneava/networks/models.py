@@ -208,15 +208,19 @@ def training_scheduler(pipe: StableDiffusionXLPipeline) -> DDPMScheduler:
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
-def expression_encoder(source: str, seed: int = 0) -> torch.nn.Module:
+def expression_encoder(source: str, seed: int = 0, channels: str = "auto") -> torch.nn.Module:
     """E_exp, the expression encoder: POSTER from an official checkpoint file, or its tiny twin.
 
     Returned frozen and in eval mode; `.embed(images in [-1, 1])` gives the 512-d (tiny: 64-d)
-    feature before POSTER's classifier head, differentiable with respect to the images.
+    feature before POSTER's classifier head, differentiable with respect to the images, fed in the
+    channel order the checkpoint was trained on (`channels`: auto, rgb or bgr; see poster.py).
     """
     from geneava.networks import poster
 
-    model = poster.tiny_poster(seed) if source == "tiny" else poster.from_checkpoint(config.path(source))
+    if source == "tiny":
+        model = poster.tiny_poster(seed, channels="rgb" if channels == "auto" else channels)
+    else:
+        model = poster.from_checkpoint(config.path(source), channels)
     return model.requires_grad_(False).eval()
 
 

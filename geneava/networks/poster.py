@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geneava.core.images import resize_like_pil
 from geneava.core.io import load_tensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CHANNELS = ("rgb", "bgr")
 
 
 @dataclass(frozen=True)
@@ -51,19 +53,10 @@ class PosterConfig:
     @classmethod
     def tiny(cls, num_classes: int = 7) -> PosterConfig:
         return cls(
-            num_classes=num_classes,
-            ir_channels=(8, 16, 32),
-            ir_units=(1, 1, 2),
-            mfn_c1=8,
-            mfn_c2=16,
-            mfn_groups=(16, 16, 32, 32, 64, 32),
-            mfn_blocks=(1, 1, 1),
-            mfn_out=64,
-            mfn_landmarks=136,
-            embed_dim=64,
-            depth=2,
-            num_heads=4,
-        )
+            num_classes=num_classes, ir_channels=(8, 16, 32), ir_units=(1, 1, 2), mfn_c1=8, mfn_c2=16,
+            mfn_groups=(16, 16, 32, 32, 64, 32), mfn_blocks=(1, 1, 1), mfn_out=64, mfn_landmarks=136,
+            embed_dim=64, depth=2, num_heads=4,
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------ IR trunk (ArcFace IR-50)
@@ -292,9 +285,12 @@ class ClassificationHead(nn.Module):
 class Poster(nn.Module):
     """POSTER: `forward(x)` on ImageNet-normalised 224x224 RGB returns (logits, feature)."""
 
-    def __init__(self, cfg: PosterConfig = PosterConfig()):
+    def __init__(self, cfg: PosterConfig = PosterConfig(), channels: str = "rgb"):
         super().__init__()
+        if channels not in CHANNELS:
+            raise ValueError(f"POSTER input channels must be one of {', '.join(CHANNELS)}, not {channels!r}")
         self.config = cfg
+        self.channels = channels  # the order the checkpoint was trained on (see checkpoint_channels)
         self.face_landback = MobileFaceNet(cfg)
         self.ir_back = IRTrunk(cfg.ir_channels, cfg.ir_units)
         self.ir_layer = nn.Linear(cfg.ir_channels[-1] * 4, cfg.embed_dim)
@@ -311,11 +307,14 @@ class Poster(nn.Module):
         return self.head(feature), feature
 
     def classify(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, expression embedding) of RGB images in [-1, 1] (any size): resize, normalise, forward."""
-        x = F.interpolate((images + 1) / 2, size=self.config.image_size, mode="bilinear", align_corners=False)
+        """(logits, expression embedding) of RGB images in [-1, 1] (any size), fed as upstream feeds it:
+        resized to 224 as PIL does, in the checkpoint's channel order, then upstream's `Normalize`."""
+        x = resize_like_pil((images + 1) / 2, self.config.image_size)
+        if self.channels == "bgr":
+            x = x.flip(1)
         mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return self.forward((x - mean) / std)
+        return self((x - mean) / std)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Expression embedding of RGB images in [-1, 1] (any size): the feature before the head.
@@ -325,9 +324,9 @@ class Poster(nn.Module):
         return self.classify(images)[1]
 
 
-def tiny_poster(seed: int, num_classes: int = 7) -> Poster:
+def tiny_poster(seed: int, num_classes: int = 7, channels: str = "rgb") -> Poster:
     torch.manual_seed(seed)
-    model = Poster(PosterConfig.tiny(num_classes))
+    model = Poster(PosterConfig.tiny(num_classes), channels)
     _init_like_training(model)
     return model.eval()
 
@@ -370,35 +369,70 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return extract_state_dict(load_tensors(path))
 
 
-def _stored_config(path: Path) -> PosterConfig | None:
-    """The architecture a safetensors file of ours records in its metadata (e.g. the world's POSTER)."""
+def _metadata(path: Path) -> dict:
+    """The metadata of a safetensors file ({} for other formats)."""
     if Path(path).suffix != ".safetensors" or not Path(path).is_file():
-        return None
+        return {}
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        stored = (f.metadata() or {}).get("poster_config")
+        return dict(f.metadata() or {})
+
+
+def _stored_config(path: Path) -> PosterConfig | None:
+    """The architecture a safetensors file of ours records in its metadata (e.g. the world's POSTER)."""
+    stored = _metadata(path).get("poster_config")
     if stored is None:
         return None
     fields = json.loads(stored)
     return PosterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-def from_checkpoint(path: Path) -> Poster:
+# Channel order per upstream checkpoint family (by file name: rafdb_best.pth, affectnet-8_best.pth).
+# zczcwh/POSTER reads images with OpenCV (BGR); its RAF-DB loader keeps them so (data_preprocessing/
+# dataset_raf.py: `# image = image[:, :, ::-1]  # BGR to RGB` is commented out); AffectNet's convert.
+CHECKPOINT_CHANNELS = (("raf", "bgr"), ("affect", "rgb"))
+
+
+def checkpoint_channels(path: Path, channels: str = "auto") -> str:
+    """`rgb`/`bgr` as given; for `auto`: a safetensors file's `channels` metadata, RGB for our own
+    POSTER files (they record `poster_config`), else the upstream family the file's name names."""
+    if channels in CHANNELS:
+        return channels
+    if channels != "auto":
+        raise ValueError(f"expression_channels must be auto, rgb or bgr, not {channels!r}")
+    meta = _metadata(Path(path))
+    if meta.get("channels") in CHANNELS:
+        return meta["channels"]
+    if "poster_config" in meta:
+        return "rgb"  # geneava.world.train feeds RGB
+    name = Path(path).name.lower()
+    for prefix, order in CHECKPOINT_CHANNELS:
+        if name.startswith(prefix):
+            return order
+    raise ValueError(
+        f"cannot tell which channel order POSTER's checkpoint {path} was trained on (its name starts "
+        "with neither 'raf' nor 'affect'). Set models.<profile>.expression_channels to bgr (upstream's "
+        "RAF-DB checkpoints) or rgb (upstream's AffectNet ones); see docs/stages/finetune.md."
+    )
+
+
+def from_checkpoint(path: Path, channels: str = "auto") -> Poster:
     """POSTER with trained weights: an official checkpoint (full size; the class count is read from
-    the head), or a safetensors file of ours whose metadata names its architecture."""
+    the head), or a safetensors file of ours whose metadata names its architecture. `channels`: the
+    input order it was trained on (`auto`: `checkpoint_channels`)."""
     state = load_checkpoint(path)
     if "head.linear.weight" not in state:
         raise ValueError(f"{path} is not a POSTER checkpoint: no head.linear.weight")
-    cfg = _stored_config(Path(path).expanduser()) or PosterConfig(
-        num_classes=state["head.linear.weight"].shape[0]
-    )
+    path = Path(path).expanduser()
+    cfg = _stored_config(path) or PosterConfig(num_classes=state["head.linear.weight"].shape[0])
     model = Poster(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
             f"{path} does not match POSTER's architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    model.channels = checkpoint_channels(path, channels)
     return model.eval()
 
 

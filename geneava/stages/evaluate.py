@@ -134,7 +134,9 @@ class Embedder:
         self.dino = models.image_encoder("dino", params["dino"], seed, local)
         self.clip.model.to(device)
         self.dino.model.to(device)
-        self.expression = models.expression_encoder(model_params["expression"], seed).to(device)
+        self.expression = models.expression_encoder(
+            model_params["expression"], seed, model_params["expression_channels"]
+        ).to(device)
         self.detector = detector or face_detector(
             params["detector"], params["detector_root"], params["detector_pack"]
         )

@@ -281,7 +281,9 @@ def training_models(model_params: dict, prompt_params: dict, params: dict, devic
     if params["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()  # the x̂_0 decode is backpropagated through
-    encoder = models.expression_encoder(model_params["expression"], model_params["seed"]).to(device)
+    encoder = models.expression_encoder(
+        model_params["expression"], model_params["seed"], model_params["expression_channels"]
+    ).to(device)
     return pipe, encoder
 
 

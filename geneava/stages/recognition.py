@@ -166,7 +166,9 @@ def primary_grid(
     gen = generated_rows(variants, params["include"])
     names = list(gen)
     ev = read_split(prepare_dir, "eval")
-    encoder = models.expression_encoder(model_params["expression"], model_params["seed"])
+    encoder = models.expression_encoder(
+        model_params["expression"], model_params["seed"], model_params["expression_channels"]
+    )
     table = primary_compatibility(encoder.config.num_classes)
     detector = detector or face_detector(params["detector"], params["detector_root"], params["detector_pack"])
     primary_of = {c.name: c.primary for c in emo135.classes()}

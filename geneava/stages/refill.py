@@ -279,7 +279,11 @@ class Checks:
         self.detector = self.detector or face_detector(g["detector"], g["detector_root"], g["detector_pack"])
         self.styler = stylizers.stylizer(s, p["model_params"], p["prompt_params"], device)
         self.sty_id = identity.identity_model(s["identity"], s["identity_root"], s["identity_pack"])
-        self.encoder = models.expression_encoder(p["model_params"]["expression"], p["model_params"]["seed"])
+        self.encoder = models.expression_encoder(
+            p["model_params"]["expression"],
+            p["model_params"]["seed"],
+            p["model_params"]["expression_channels"],
+        )
         # embedded into this stage's own cache (a few seconds; no writes into other stages)
         self.emb = {
             k: identity.cached_embeddings(self.id_model, k, rows, self.out_dir / "embeddings")["embedding"]

@@ -273,7 +273,9 @@ def run(profile: str | None, generate_dir: Path, out_dir: Path, params_file: Pat
     styler = stylizers.stylizer(params, model_params, p["prompt_params"], device)
     pairs = stylize(**p, generate_dir=generate_dir, out_dir=out_dir, styler=styler)
     id_model = identity.identity_model(params["identity"], params["identity_root"], params["identity_pack"])
-    encoder = models.expression_encoder(model_params["expression"], model_params["seed"])
+    encoder = models.expression_encoder(
+        model_params["expression"], model_params["seed"], model_params["expression_channels"]
+    )
     derived = None
     if params["expression_level"] == "derived":
         derived = derive_expression_threshold(
