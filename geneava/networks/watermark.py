@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from geneava.core.io import load_tensors
@@ -82,8 +83,12 @@ class WatermarkClassifier:
 
     @torch.no_grad()
     def probability(self, rgb: np.ndarray) -> float:
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255
-        x = F.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False)
+        """Fed as upstream feeds it: PIL image -> `Resize((256, 256))` (PIL's bilinear, antialiased, on
+        uint8) -> `ToTensor` -> ImageNet `Normalize`."""
+        small = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).resize(
+            (256, 256), Image.Resampling.BILINEAR
+        )
+        x = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255).permute(2, 0, 1)[None]
         x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         return float(self.model(x).softmax(-1)[0, 1])
 
