@@ -155,21 +155,173 @@ def to_uint8(y: torch.Tensor) -> np.ndarray:
 # ------------------------------------------------------------------ converter
 
 
-def read_graph_constants(pb: Path) -> dict[str, np.ndarray]:
-    """Every Const node of a frozen GraphDef as a numpy array, parsed with tensorboard's compiled
-    protos (no TensorFlow); nothing in the file is executed."""
+def read_graph(pb: Path):
+    """A frozen GraphDef parsed with tensorboard's compiled protos (no TensorFlow; nothing executed)."""
     from tensorboard.compat.proto import graph_pb2
+
+    graph = graph_pb2.GraphDef()
+    graph.ParseFromString(Path(pb).read_bytes())
+    return graph
+
+
+def graph_constants(graph) -> dict[str, np.ndarray]:
+    """Every Const node of a GraphDef as a numpy array."""
     from tensorboard.compat.tensorflow_stub import dtypes
     from tensorboard.util import tensor_util
 
     del dtypes  # imported for tensor_util's dtype table
-    graph = graph_pb2.GraphDef()
-    graph.ParseFromString(Path(pb).read_bytes())
+    return {n.name: tensor_util.make_ndarray(n.attr["value"].tensor) for n in graph.node if n.op == "Const"}
+
+
+def read_graph_constants(pb: Path) -> dict[str, np.ndarray]:
+    return graph_constants(read_graph(pb))
+
+
+# What ModelScope's exporter (CartoonTranslationExporter: input / 127.5 - 1 -> unet_generator ->
+# guided_filter(r=1, eps=1e-2) -> clip +-0.999999 -> (y + 1) * 127.5 -> uint8) freezes, besides the
+# generator's weights: each op type's count for B residual blocks, and the 48 other constants, keyed by
+# the op that reads them. Anything else is a graph this port does not compute, and is refused.
+def expected_ops(blocks: int) -> dict[str, int]:
+    convs = 10 + 2 * blocks
     return {
-        node.name: tensor_util.make_ndarray(node.attr["value"].tensor)
-        for node in graph.node
-        if node.op == "Const"
-    }
+        "Placeholder": 1, "Const": 2 * convs + 48, "StridedSlice": 9, "Shape": 5, "Pack": 3, "Fill": 1,
+        "RealDiv": 8, "Sub": 4, "Mul": 11, "Add": blocks + 5, "Conv2D": convs, "BiasAdd": convs,
+        "LeakyRelu": 9 + blocks, "ResizeBilinear": 2, "DepthwiseConv2dNative": 7, "Minimum": 1,
+        "Maximum": 1, "Cast": 1,
+    }  # fmt: skip
+
+
+SCALARS = sorted(  # (reading op, dtype, value) of the scalar constants
+    [("RealDiv", "float32", 127.5), ("Sub", "float32", 1.0), ("Add", "float32", 0.01),
+     ("Minimum", "float32", 0.999999), ("Maximum", "float32", -0.999999), ("Add", "float32", 1.0),
+     ("Mul", "float32", 127.5), ("Fill", "float32", 1.0)]
+    + [("Mul", "int32", 2)] * 4 + [("Pack", "int32", 1)] * 2
+)  # fmt: skip
+# StridedSlice (begin, end, strides, begin_mask, end_mask, new_axis_mask, shrink_axis_mask): the input's
+# [:, :, :] and [tf.newaxis], shape[1] and shape[2] of three tensors, and the output's [0].
+SLICES = sorted(
+    [((0, 0, 0), (0, 0, 0), (1, 1, 1), 7, 7, 0, 0), ((0,), (0,), (1,), 0, 0, 1, 0)]
+    + [((0,), (1,), (1,), 0, 0, 0, 1)]
+    + [((1,), (2,), (1,), 0, 0, 0, 1)] * 3
+    + [((2,), (3,), (1,), 0, 0, 0, 1)] * 3
+)  # fmt: skip
+MASKS = ("begin_mask", "end_mask", "new_axis_mask", "shrink_axis_mask")
+
+
+class _Graph:
+    """A GraphDef's nodes, op types (AddV2 read as Add), constants, and who reads each constant."""
+
+    def __init__(self, graph):
+        self.nodes = {n.name: n for n in graph.node}
+        self.op = {n.name: ("Add" if n.op == "AddV2" else n.op) for n in graph.node}
+        self.consts = graph_constants(graph)
+        self.readers: dict[str, set[str]] = {}
+        for n in graph.node:
+            if self.op[n.name] != "Identity":
+                for inp in n.input:
+                    self.readers.setdefault(self.source(inp), set()).add(self.op[n.name])
+
+    def source(self, name: str) -> str:
+        """The node an input names, followed through Identity nodes (variables' /read) to its source."""
+        name = name.lstrip("^").split(":")[0]
+        while self.op.get(name) == "Identity":
+            name = self.nodes[name].input[0].lstrip("^").split(":")[0]
+        return name
+
+
+def _op_problems(g: _Graph, blocks: int) -> list[str]:
+    counts: dict[str, int] = {}
+    for kind in g.op.values():
+        if kind != "Identity":
+            counts[kind] = counts.get(kind, 0) + 1
+    want = expected_ops(blocks)
+    return [
+        f"{counts.get(k, 0)} {k} ops where the exporter makes {want.get(k, 0)} "
+        f"(e.g. {', '.join([n for n in g.op if g.op[n] == k][:5])})"
+        for k in sorted(set(counts) | set(want))
+        if counts.get(k, 0) != want.get(k, 0)
+    ]
+
+
+def _constant_problems(g: _Graph, cfg: DCTNetConfig, prefix: str) -> list[str]:
+    weights = {f"{prefix}{name}/{w}" for name, *_ in conv_specs(cfg) for w in ("weights", "biases")}
+    problems, scalars, kernels = [], [], 0
+    for name, value in g.consts.items():
+        users = g.readers.get(name, set())
+        if name in weights or users == {"StridedSlice"}:  # weights: state_dict_from_graph; slices: below
+            continue
+        if name.startswith(prefix) and name.endswith(("/weights", "/biases", "/kernel", "/bias")):
+            problems.append(f"generator constant {name} is not a layer of the port (an extra layer?)")
+        elif users == {"DepthwiseConv2dNative"} and value.shape[:2] == (3, 3) and value.shape[-1] == 1:
+            kernels += 1
+            if value.dtype != np.float32 or not np.all(value == np.float32(1 / 9)):
+                problems.append(f"box filter {name} is not 1/9 everywhere (guided filter radius 1)")
+        elif value.ndim == 0 and len(users) == 1:
+            scalars.append((next(iter(users)), str(value.dtype), value.item()))
+        else:
+            problems.append(
+                f"constant {name} (shape {value.shape}, read by {sorted(users)}) is not the exporter's"
+            )
+    want = sorted((o, d, float(np.float32(v)) if d == "float32" else v) for o, d, v in SCALARS)
+    if sorted(scalars) != want:
+        problems.append(f"scalar constants {sorted(set(scalars) ^ set(want))} differ from the exporter's")
+    if kernels != 7:
+        problems.append(f"{kernels} box-filter kernels where the guided filter has 7")
+    return problems
+
+
+def _node_problems(g: _Graph, cfg: DCTNetConfig, prefix: str) -> list[str]:
+    problems, slices = [], []
+    for name, n in g.nodes.items():
+        kind, a = g.op[name], n.attr
+        if kind == "StridedSlice":
+            stacks = (tuple(np.ravel(g.consts.get(g.source(i), -1)).tolist()) for i in n.input[1:4])
+            slices.append((*stacks, *(a[m].i for m in MASKS)))
+        elif kind == "LeakyRelu" and np.float32(a["alpha"].f) != np.float32(0.2):
+            problems.append(f"{name}: LeakyReLU alpha {a['alpha'].f}, not 0.2")
+        elif kind == "ResizeBilinear" and (a["align_corners"].b or a["half_pixel_centers"].b):
+            problems.append(f"{name}: align_corners/half_pixel_centers set (TF1's legacy resize expected)")
+        elif kind in ("Conv2D", "DepthwiseConv2dNative"):
+            problems += _check_conv(n, g.source(n.input[1]), cfg, prefix)
+        elif kind == "Cast" and (name != "output_image" or a["DstT"].type != 4):  # 4: DT_UINT8
+            problems.append(f"{name}: the output is not the uint8 'output_image'")
+    if sorted(slices) != SLICES:
+        problems.append(
+            "strided slices differ from the exporter's ([:, :, :], [tf.newaxis], shape[1:3], [0])"
+        )
+    return problems
+
+
+def check_graph(graph, cfg: DCTNetConfig, prefix: str = "generator/") -> None:
+    """Refuse a frozen graph that computes anything but the exported DCT-Net this port runs: every op
+    counted, every non-weight constant's value checked, every layer's attributes compared."""
+    g = _Graph(graph)
+    problems = (
+        _op_problems(g, cfg.blocks) + _constant_problems(g, cfg, prefix) + _node_problems(g, cfg, prefix)
+    )
+    if problems:
+        raise ValueError(
+            "not the DCT-Net graph this port computes (nothing converted):\n  - " + "\n  - ".join(problems)
+            + "\nThe port follows ModelScope's exporter (damo/cv_unet_person-image-cartoon-3d_compound-"
+            "models); a graph exported otherwise needs the port extended (docs/stages/stylize.md)."
+        )  # fmt: skip
+
+
+def _check_conv(node, weight: str, cfg: DCTNetConfig, prefix: str) -> list[str]:
+    a = node.attr
+    strides, pad, fmt = list(a["strides"].list.i), a["padding"].s, a["data_format"].s or b"NHWC"
+    dil = list(a["dilations"].list.i) or [1, 1, 1, 1]
+    want = 1 if node.op == "DepthwiseConv2dNative" else None
+    if want is None:
+        spec = {f"{prefix}{n}/weights": s for n, _, _, _, s in conv_specs(cfg)}
+        if weight not in spec:
+            return [f"{node.name} convolves with {weight}, not a layer of the port"]
+        want = spec[weight]
+    if strides != [1, want, want, 1] or pad != b"SAME" or fmt != b"NHWC" or dil != [1, 1, 1, 1]:
+        return [
+            f"{node.name}: strides {strides}, padding {pad!r}, {fmt!r}, dilations {dil} (want {want}, SAME)"
+        ]
+    return []
 
 
 def state_dict_from_graph(
@@ -196,9 +348,8 @@ def state_dict_from_graph(
 
 
 def convert(model_dir: Path, out_dir: Path) -> list[Path]:
-    """`cartoon_bg.pb` and `cartoon_h.pb` -> `bg.safetensors` and `head.safetensors` (+ alpha.png)."""
-    from PIL import Image
-
+    """`cartoon_bg.pb` and `cartoon_h.pb` -> `bg.safetensors` and `head.safetensors` (+ alpha.png),
+    each graph checked first (`check_graph`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -208,13 +359,20 @@ def convert(model_dir: Path, out_dir: Path) -> list[Path]:
             raise FileNotFoundError(
                 f"{path} not found: download the ModelScope model folder first (docs/stages/stylize.md)"
             )
-        state, cfg = state_dict_from_graph(read_graph_constants(path))
+        graph_def = read_graph(path)
+        state, cfg = state_dict_from_graph(graph_constants(graph_def))
+        check_graph(graph_def, cfg)
         target = out_dir / f"{name}.safetensors"
         io.save_tensors(target, state, metadata={"config": json.dumps(asdict(cfg)), "source": graph})
         written.append(target)
     alpha = Path(model_dir) / "alpha.jpg"
-    if alpha.is_file():
-        Image.open(alpha).convert("L").save(out_dir / "alpha.png")
+    if alpha.is_file():  # decoded as ModelScope decodes it (OpenCV, colour), kept losslessly
+        import cv2
+
+        decoded = cv2.imread(str(alpha), cv2.IMREAD_COLOR)
+        if decoded is None:
+            raise ValueError(f"{alpha}: not an image OpenCV can read")
+        io.atomic_write_bytes(out_dir / "alpha.png", cv2.imencode(".png", decoded)[1].tobytes())
         written.append(out_dir / "alpha.png")
     return written
 
@@ -236,39 +394,6 @@ def load_generator(path: Path) -> DCTNetGenerator:
 def tiny_generator(seed: int = 0) -> DCTNetGenerator:
     torch.manual_seed(seed)
     return DCTNetGenerator(DCTNetConfig.tiny()).eval().requires_grad_(False)
-
-
-# ------------------------------------------------------------------ face alignment for the head network
-
-# The 5 reference points (eyes, nose tip, mouth corners) of the 96x112 MTCNN template, +1 px as the
-# released pipeline shifts them, made square (x + 8): the head crop is aligned to these, scaled by 0.75
-# about the centre and to 288 px.
-REFERENCE_5 = np.array(
-    [[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655], [62.7299, 92.2041]]
-) + np.array([1 + 8, 1])
-
-
-def five_points():
-    """A function rgb -> [5x2 points per face] (left eye, right eye, nose tip, left and right mouth
-    corner): dlib's MMOD detector with its 68-point landmark model (eye centres = mean of the eye points,
-    as the released pipeline's fallback does)."""
-    import dlib
-
-    from geneava.networks.faces import DlibDetector, dlib_model_dir
-
-    detector = DlibDetector()
-    predictor = dlib.shape_predictor(str(dlib_model_dir() / "shape_predictor_68_face_landmarks.dat"))
-
-    def points(rgb: np.ndarray) -> list[np.ndarray]:
-        img, scale, found = detector.shapes(rgb)
-        out = []
-        for det, _ in found:
-            s = predictor(img, det.rect)
-            p = np.array([(s.part(i).x, s.part(i).y) for i in range(68)], dtype=np.float64) / scale
-            out.append(np.stack([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]]))
-        return out
-
-    return points
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from geneava.core import config, schema
-from geneava.networks import models
+from geneava.networks import dctnet_pipeline, models
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class DCTNet:
     """DCT-Net's compound pipeline: background network, aligned head network, alpha blend."""
 
     name = "dctnet"
-    HEAD = 288
+    HEAD = dctnet_pipeline.HEAD
 
     def __init__(self, source: str, seed: int = 0, device=None):
         from geneava.networks import dctnet
@@ -134,58 +134,24 @@ class DCTNet:
                     )
             self.bg = dctnet.load_generator(folder / "bg.safetensors")
             self.head = dctnet.load_generator(folder / "head.safetensors")
-            mask = (
-                Image.open(folder / "alpha.png")
-                .convert("L")
-                .resize((self.HEAD, self.HEAD), Image.Resampling.BOX)
-            )
-            self.alpha = np.asarray(mask, dtype=np.float32) / 255
+            self.alpha = dctnet_pipeline.load_alpha(folder / "alpha.png")
         self.bg.to(self.device)
         self.head.to(self.device)
         self._points = None
 
-    def _run(self, net, bgr: np.ndarray) -> np.ndarray:
+    def _run(self, net: str, bgr: np.ndarray) -> np.ndarray:
+        """One of the two networks on a BGR uint8 image, as the released graphs compute it (no TF32)."""
         from geneava.networks import dctnet
 
         x = torch.from_numpy(bgr.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(self.device)
-        with torch.no_grad():
-            return dctnet.to_uint8(net(x))[0]
+        with torch.no_grad(), dctnet_pipeline.full_float32():
+            return dctnet.to_uint8((self.bg if net == "bg" else self.head)(x))[0]
 
     def one(self, img: Image.Image) -> Image.Image:
-        import cv2
-
-        from geneava.networks.dctnet import REFERENCE_5, five_points
-
-        rgb = np.asarray(img.convert("RGB"))
-        h0, w0 = rgb.shape[:2]
-        if min(h0, w0) > 720:  # the released pipeline works at short side <= 720
-            s = 720 / min(h0, w0)
-            rgb = cv2.resize(rgb, (round(w0 * s), round(h0 * s)), interpolation=cv2.INTER_AREA)
-        h, w = rgb.shape[:2]
-        ph, pw = -(-h // 16) * 16, -(-w // 16) * 16
-        padded = np.full((ph, pw, 3), 255, np.uint8)
-        padded[:h, :w] = rgb
-        res = self._run(self.bg, padded[:, :, ::-1])[:h, :w].astype(np.float32)  # BGR
         if self._points is None:
-            self._points = five_points()
-        for pts in self._points(rgb):
-            from skimage.transform import SimilarityTransform
-
-            ref = ((REFERENCE_5 - 56) * 0.75 + 56) * self.HEAD / 112
-            t = SimilarityTransform.from_estimate(np.asarray(pts), ref)
-            if not t:  # degenerate points: leave this face to the background network
-                log.warning("could not align a face for the head network: %s", t)
-                continue
-            m, inv = t.params[:2], np.linalg.inv(t.params)[:2]
-            crop = cv2.warpAffine(rgb, m, (self.HEAD, self.HEAD), borderValue=(255, 255, 255))
-            head = self._run(self.head, crop[:, :, ::-1])
-            head_back = cv2.warpAffine(head, inv, (w, h), borderValue=(0, 0, 0)).astype(np.float32)
-            mask = cv2.warpAffine(self.alpha, inv, (w, h), borderValue=0)[..., None]
-            res = mask * head_back + (1 - mask) * res
-        out = res.clip(0, 255).astype(np.uint8)[:, :, ::-1]
-        if (h, w) != (h0, w0):
-            out = cv2.resize(out, (w0, h0), interpolation=cv2.INTER_AREA)
-        return Image.fromarray(np.ascontiguousarray(out))
+            self._points = dctnet_pipeline.landmarks68()
+        out = dctnet_pipeline.cartoonize(np.asarray(img.convert("RGB")), self._run, self.alpha, self._points)
+        return Image.fromarray(out)
 
     def stylize(self, images: list[Image.Image], rows: pd.DataFrame) -> list[Image.Image]:
         return [self.one(im) for im in images]
@@ -225,7 +191,9 @@ class SDXLImg2Img:
 # cartoon 2: small faces are cartooned at 256 px (edges were four times too wide at 64 px).
 # cartoon 3: edges on strong contrasts only (offset 8: outlines of shading and wrinkles read as another
 #            expression).
-REVISION = {"cartoon": 3}
+# dctnet 2: ModelScope's pipeline exactly (fit direction, pupils, truncated working size, float blend
+#           rounded once, no TF32; geneava/networks/dctnet_pipeline.py).
+REVISION = {"cartoon": 3, "dctnet": 2}
 
 
 def stylizer(params: dict, model_params: dict, prompt_params: dict, device=None):
