@@ -217,8 +217,9 @@ def test_converter_names_what_is_missing(tmp_path):
     _exporter_graph(ref.state_dict(), ref.config, tmp_path / "model" / "cartoon_bg.pb", skip=("Conv_9",))
     with pytest.raises(ValueError, match="Conv_9"):
         dctnet.convert(tmp_path / "model", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="cartoon_bg.pb"):
-        dctnet.convert(tmp_path / "nowhere", tmp_path / "out")
+        dctnet.convert(tmp_path / "empty", tmp_path / "out")
     consts = dctnet.read_graph_constants(tmp_path / "model" / "cartoon_bg.pb")
     consts["generator/Conv_1/weights"] = consts["generator/Conv_1/weights"][:, :, :2]
     with pytest.raises(ValueError, match="shape"):
@@ -347,3 +348,20 @@ def test_the_alpha_mask_is_kept_as_opencv_decodes_it(tmp_path):
     dctnet.convert(tmp_path / "model", tmp_path / "out")
     kept = cv2.imread(str(tmp_path / "out" / "alpha.png"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(kept, cv2.imread(str(tmp_path / "model" / "alpha.jpg")))
+
+
+def test_a_refused_head_graph_leaves_nothing_written_and_the_cli_says_which_file(tmp_path, capsys):
+    ref = dctnet.tiny_generator(2)
+    model = tmp_path / "model"
+    model.mkdir()
+    _exporter_graph(ref.state_dict(), ref.config, model / "cartoon_bg.pb")
+    _exporter_graph(ref.state_dict(), ref.config, model / "cartoon_h.pb", edit=_unknown_op)
+    assert dctnet.main(["convert", str(model), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cartoon_h.pb" in err and "Tanh" in err
+    assert not (tmp_path / "out").exists()  # the good background graph was not written either
+    (model / "cartoon_h.pb").write_bytes(b"\x00\xff not a protobuf \xff" * 7)
+    assert dctnet.main(["convert", str(model), str(tmp_path / "out")]) == 2
+    assert "cartoon_h.pb is not a frozen TensorFlow graph" in capsys.readouterr().err
+    assert dctnet.main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out2")]) == 2
+    assert "is not a folder" in capsys.readouterr().err and not (tmp_path / "out2").exists()

@@ -122,7 +122,7 @@ def test_the_channel_order_is_a_property_of_the_checkpoint(tmp_path):
         poster.from_checkpoint(tmp_path / "rafdb_best.pth", "grb")
 
 
-def test_our_own_poster_files_say_rgb_and_a_recorded_order_wins(tmp_path):
+def test_our_own_poster_files_say_rgb_and_a_recorded_order_wins(tmp_path, caplog):
     tiny = poster.tiny_poster(0)
     meta = {"poster_config": __import__("json").dumps(poster.config_dict(tiny))}
     save_file(tiny.state_dict(), tmp_path / "raf_world.safetensors", metadata=meta)
@@ -130,6 +130,9 @@ def test_our_own_poster_files_say_rgb_and_a_recorded_order_wins(tmp_path):
     save_file(tiny.state_dict(), tmp_path / "x.safetensors", metadata=meta | {"channels": "bgr"})
     assert models.expression_encoder(str(tmp_path / "x.safetensors")).channels == "bgr"
     assert models.expression_encoder(str(ROOT / "models/world/poster.safetensors")).channels == "rgb"
+    with caplog.at_level("WARNING"):  # settable, but a contradiction with the file is said out loud
+        assert models.expression_encoder(str(tmp_path / "x.safetensors"), 0, "rgb").channels == "rgb"
+    assert "records bgr input; feeding it rgb" in caplog.text
     assert models.expression_encoder("tiny", 0).channels == "rgb"
     assert models.expression_encoder("tiny", 0, "bgr").channels == "bgr"
     with pytest.raises(ValueError, match="rgb, bgr"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -157,10 +158,14 @@ def to_uint8(y: torch.Tensor) -> np.ndarray:
 
 def read_graph(pb: Path):
     """A frozen GraphDef parsed with tensorboard's compiled protos (no TensorFlow; nothing executed)."""
+    from google.protobuf.message import DecodeError
     from tensorboard.compat.proto import graph_pb2
 
     graph = graph_pb2.GraphDef()
-    graph.ParseFromString(Path(pb).read_bytes())
+    try:
+        graph.ParseFromString(Path(pb).read_bytes())
+    except DecodeError as e:
+        raise ValueError(f"{pb} is not a frozen TensorFlow graph (GraphDef): {e}") from e
     return graph
 
 
@@ -236,8 +241,8 @@ def _op_problems(g: _Graph, blocks: int) -> list[str]:
             counts[kind] = counts.get(kind, 0) + 1
     want = expected_ops(blocks)
     return [
-        f"{counts.get(k, 0)} {k} ops where the exporter makes {want.get(k, 0)} "
-        f"(e.g. {', '.join([n for n in g.op if g.op[n] == k][:5])})"
+        f"{counts.get(k, 0)} {k} ops where the exporter makes {want.get(k, 0)}"
+        + (f" (e.g. {', '.join(names)})" if (names := [n for n in g.op if g.op[n] == k][:5]) else "")
         for k in sorted(set(counts) | set(want))
         if counts.get(k, 0) != want.get(k, 0)
     ]
@@ -264,7 +269,10 @@ def _constant_problems(g: _Graph, cfg: DCTNetConfig, prefix: str) -> list[str]:
             )
     want = sorted((o, d, float(np.float32(v)) if d == "float32" else v) for o, d, v in SCALARS)
     if sorted(scalars) != want:
-        problems.append(f"scalar constants {sorted(set(scalars) ^ set(want))} differ from the exporter's")
+        found = [s for s in set(scalars) if s not in want]
+        missing = [s for s in set(want) if s not in scalars]
+        problems.append(f"scalar constants (reading op, dtype, value) not the exporter's: found "
+                        f"{sorted(found)}, missing {sorted(missing)}")  # fmt: skip
     if kernels != 7:
         problems.append(f"{kernels} box-filter kernels where the guided filter has 7")
     return problems
@@ -303,7 +311,7 @@ def check_graph(graph, cfg: DCTNetConfig, prefix: str = "generator/") -> None:
         raise ValueError(
             "not the DCT-Net graph this port computes (nothing converted):\n  - " + "\n  - ".join(problems)
             + "\nThe port follows ModelScope's exporter (damo/cv_unet_person-image-cartoon-3d_compound-"
-            "models); a graph exported otherwise needs the port extended (docs/stages/stylize.md)."
+            "models); models/dctnet-3d/README.md says what is checked and where to extend it."
         )  # fmt: skip
 
 
@@ -350,18 +358,27 @@ def state_dict_from_graph(
 def convert(model_dir: Path, out_dir: Path) -> list[Path]:
     """`cartoon_bg.pb` and `cartoon_h.pb` -> `bg.safetensors` and `head.safetensors` (+ alpha.png),
     each graph checked first (`check_graph`)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir} is not a folder: download the ModelScope model folder first "
+                                "(docs/stages/stylize.md)")  # fmt: skip
+    converted = []  # both graphs read and checked before anything is written
     for graph, name in (("cartoon_bg.pb", "bg"), ("cartoon_h.pb", "head")):
-        path = Path(model_dir) / graph
+        path = model_dir / graph
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} not found: download the ModelScope model folder first (docs/stages/stylize.md)"
             )
         graph_def = read_graph(path)
-        state, cfg = state_dict_from_graph(graph_constants(graph_def))
-        check_graph(graph_def, cfg)
+        try:
+            state, cfg = state_dict_from_graph(graph_constants(graph_def))
+            check_graph(graph_def, cfg)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+        converted.append((name, graph, state, cfg))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, graph, state, cfg in converted:
         target = out_dir / f"{name}.safetensors"
         io.save_tensors(target, state, metadata={"config": json.dumps(asdict(cfg)), "source": graph})
         written.append(target)
@@ -397,15 +414,23 @@ def tiny_generator(seed: int = 0) -> DCTNetGenerator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Convert DCT-Net's TensorFlow graphs to safetensors (once).")
+    ap = argparse.ArgumentParser(
+        prog="python -m geneava.networks.dctnet",
+        description="Convert DCT-Net's TensorFlow graphs to safetensors (once).",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert")
     c.add_argument(
         "model_dir", type=Path, help="the ModelScope folder with cartoon_bg.pb, cartoon_h.pb, alpha.jpg"
     )
-    c.add_argument("out_dir", type=Path)
+    c.add_argument("out_dir", type=Path, help="where bg.safetensors, head.safetensors, alpha.png go")
     args = ap.parse_args(argv)
-    for p in convert(args.model_dir, args.out_dir):
+    try:
+        written = convert(args.model_dir, args.out_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in written:
         print(p)
     return 0
 

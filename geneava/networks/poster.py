@@ -1,20 +1,18 @@
 """POSTER (Zheng et al., ICCV 2023), the paper's expression encoder E_exp, written for our use.
 
-Architecture of the official `pyramid_trans_expr` (github zczcwh/POSTER), with its parameter names,
-so the official checkpoint loads with a strict key match:
-- `ir_back`: IR-50 trunk (first three stages), input resized to 112; its 256x14x14 map is *viewed*
-  (not permuted) as 49 tokens of 1024, exactly as upstream does, then `ir_layer` maps 1024 -> 512;
-- `face_landback`: a frozen MobileFaceNet landmark network; its 512x7x7 map becomes 49 tokens of 512;
-- `pyramid_fuse`: 8 pyramid blocks of two-way cross-attention between image and landmark tokens at
-  three widths (512, 256, 128), then a LayerNorm; the image class token is the output;
-- `se_block` then `head`. `forward` returns (logits, 512-d feature before the head): the feature is
-  the expression embedding of the paper's L_exp.
-`PosterConfig.tiny()` keeps every part and every reshape, at toy width, for the offline default.
+Architecture of the official `pyramid_trans_expr` (github zczcwh/POSTER), with its parameter names, so the
+official checkpoint loads with a strict key match: `ir_back` (IR-50's first three stages at 112 px; its
+256x14x14 map *viewed*, not permuted, as 49 tokens of 1024, as upstream does; `ir_layer` 1024 -> 512),
+`face_landback` (frozen MobileFaceNet; 512x7x7 -> 49 tokens), `pyramid_fuse` (8 blocks of two-way
+cross-attention at widths 512/256/128, LayerNorm; the image class token is the output), `se_block`, `head`.
+`forward` returns (logits, 512-d feature before the head): the feature is the embedding of the paper's
+L_exp. `PosterConfig.tiny()` keeps every part and reshape at toy width, for the offline default.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from geneava.core.io import load_tensors
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CHANNELS = ("rgb", "bgr")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -397,23 +396,24 @@ CHECKPOINT_CHANNELS = (("raf", "bgr"), ("affect", "rgb"))
 def checkpoint_channels(path: Path, channels: str = "auto") -> str:
     """`rgb`/`bgr` as given; for `auto`: a safetensors file's `channels` metadata, RGB for our own
     POSTER files (they record `poster_config`), else the upstream family the file's name names."""
-    if channels in CHANNELS:
-        return channels
-    if channels != "auto":
+    if channels not in (*CHANNELS, "auto"):
         raise ValueError(f"expression_channels must be auto, rgb or bgr, not {channels!r}")
     meta = _metadata(Path(path))
-    if meta.get("channels") in CHANNELS:
-        return meta["channels"]
-    if "poster_config" in meta:
-        return "rgb"  # geneava.world.train feeds RGB
+    recorded = meta.get("channels") or ("rgb" if "poster_config" in meta else None)  # ours train on RGB
+    if channels in CHANNELS:
+        if recorded not in (None, channels):
+            log.warning("%s records %s input; feeding it %s as set", path, recorded, channels)
+        return channels
+    if recorded in CHANNELS:
+        return recorded
     name = Path(path).name.lower()
     for prefix, order in CHECKPOINT_CHANNELS:
         if name.startswith(prefix):
             return order
     raise ValueError(
-        f"cannot tell which channel order POSTER's checkpoint {path} was trained on (its name starts "
-        "with neither 'raf' nor 'affect'). Set models.<profile>.expression_channels to bgr (upstream's "
-        "RAF-DB checkpoints) or rgb (upstream's AffectNet ones); see docs/stages/finetune.md."
+        f"cannot tell which channel order POSTER's checkpoint {path} was trained on (its file name starts "
+        "with neither 'raf' nor 'affect'). Set models.<profile>.expression_channels (or channels=) to bgr "
+        "(upstream's RAF-DB checkpoints) or rgb (its AffectNet ones); see models/poster/README.md."
     )
 
 
