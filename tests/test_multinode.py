@@ -1,0 +1,137 @@
+"""Beyond one machine: a stage run as two "machines" on localhost (accelerate launch --num_machines 2, one
+process each, a CPU gloo group) makes what one machine makes, image for image and weight for weight.
+
+The commands are the ones docs/multinode.md gives for SLURM (`accelerate launch ... -m geneava.stages.X`
+on every node), with the main process's address 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from geneava.stages import finetune
+
+from .conftest import ROOT
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _params_file(path, **blocks) -> str:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for stage, over in blocks.items():
+        raw[stage]["default"].update(over)
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def two_machines(module: str, args: list[str], timeout: int = 900, script: bool = False) -> None:
+    """`accelerate launch --num_machines 2 --machine_rank r` for r = 0, 1, each one process, started
+    together (rank 0 hosts the rendezvous); both must exit 0."""
+    port = str(_free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as parallel.launch gives
+    procs = []
+    for rank in (0, 1):
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",  # in all: one per machine
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *([] if script else ["-m"]),
+            module,
+            *args,
+        ]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"machine {rank} failed:\n{out[-3000:]}"
+
+
+PROBE = """
+import sys
+from pathlib import Path
+from accelerate import PartialState
+s = PartialState(cpu=True)
+Path(sys.argv[1], f"rank{s.process_index}").write_text(f"{s.num_processes} {s.local_process_index}")
+"""
+
+
+@pytest.mark.e2e
+def test_two_machines_form_one_group_of_two(tmp_path):
+    """What the stages see under two_machines: one process group of 2, ranks 0 and 1, each its machine's
+    only (local rank 0), so generate shards its rows and finetune all-reduces across the machines."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    two_machines(str(tmp_path / "probe.py"), [str(tmp_path)], script=True)
+    assert (tmp_path / "rank0").read_text() == "2 0"
+    assert (tmp_path / "rank1").read_text() == "2 0"
+
+
+@pytest.mark.e2e
+def test_generate_on_two_machines_equals_one_process(trained, tmp_path):
+    p = _params_file(tmp_path / "params.yaml", generate={"limit": 8, "batch_size": 2, "qc": False})
+    lora = ["--lora-dir", str(trained / "lora"), "--params", p]
+    subprocess.run(
+        [sys.executable, "-m", "geneava.stages.generate", "--out-dir", str(tmp_path / "one"), *lora],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    two_machines("geneava.stages.generate", ["--out-dir", str(tmp_path / "two"), *lora])
+    one = pd.read_csv(tmp_path / "one" / "manifest.csv", keep_default_na=False)
+    two = pd.read_csv(tmp_path / "two" / "manifest.csv", keep_default_na=False)
+    assert len(one) == 8 and two["row_id"].tolist() == one["row_id"].tolist()
+    assert two["sha256"].tolist() == one["sha256"].tolist()  # image for image
+    for f in one["file"]:  # and the files themselves
+        assert (tmp_path / "two" / f).read_bytes() == (tmp_path / "one" / f).read_bytes()
+
+
+@pytest.mark.e2e
+def test_finetune_on_two_machines_equals_two_processes_on_one(prepared, tmp_path):
+    """Data-parallel training on two machines is the same computation as on two local processes (same
+    ranks, shards and all-reduce): the LoRA weights and the loss log are equal."""
+    p = _params_file(tmp_path / "params.yaml", finetune={"num_processes": 2, "max_train_steps": 3})
+    finetune.run(None, prepared, tmp_path / "local", p)  # one machine, parallel.launch's two processes
+    two_machines(
+        "geneava.stages.finetune",
+        ["--prepare-dir", str(prepared), "--out-dir", str(tmp_path / "nodes"), "--params", p],
+    )
+    local = load_file(tmp_path / "local" / "lora" / finetune.LORA_FILE)
+    nodes = load_file(tmp_path / "nodes" / "lora" / finetune.LORA_FILE)
+    assert local.keys() == nodes.keys() and local
+    assert all(torch.equal(local[k], nodes[k]) for k in local)  # weight for weight
+    # trained, not two copies of the initial state (LoRA's B matrices start at zero)
+    assert any(v.abs().sum() > 0 for k, v in local.items() if "lora_B" in k or "lora.up" in k)
+    a = pd.read_csv(tmp_path / "local" / "loss.csv")
+    b = pd.read_csv(tmp_path / "nodes" / "loss.csv")
+    pd.testing.assert_frame_equal(a, b)
