@@ -135,3 +135,53 @@ def test_finetune_on_two_machines_equals_two_processes_on_one(prepared, tmp_path
     a = pd.read_csv(tmp_path / "local" / "loss.csv")
     b = pd.read_csv(tmp_path / "nodes" / "loss.csv")
     pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.mark.e2e
+def test_baseline_with_two_processes_equals_one(tmp_path):
+    """The baseline has no LoRA: the launched processes get no --lora-dir (parallel.launch_stage leaves
+    None out) and the stage's command line accepts that."""
+    from geneava.stages import generate
+
+    one = generate.run(None, None, tmp_path / "one", _params_file(tmp_path / "p1.yaml", generate=GEN))
+    two = generate.run(
+        None, None, tmp_path / "two", _params_file(tmp_path / "p2.yaml", generate={**GEN, "num_processes": 2})
+    )
+    assert len(one) == 4 and two["sha256"].tolist() == one["sha256"].tolist()
+
+
+GEN = {"limit": 4, "batch_size": 2, "qc": False, "steps": 4}
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_ablation_trains_and_renders_as_the_stages_do(tmp_path, monkeypatch):
+    """The ablation's fine-tune runs through finetune.run with the finetune block unchanged but alpha (so
+    with num_processes 4 it is the same DDP run, not a one-process run of another global batch), and its
+    images through generate.run."""
+    from geneava.core import config
+    from geneava.stages import ablation, generate
+
+    p = _params_file(tmp_path / "params.yaml", finetune={"num_processes": 4}, generate={"num_processes": 3})
+    seen = {}
+
+    def fake_finetune_run(profile, prepare_dir, out_dir, params_file):
+        seen["finetune"] = config.blocks("finetune", "models", profile=profile, path=params_file)
+        return pd.DataFrame()
+
+    def fake_generate_run(profile, lora_dir, out_dir, params_file=None):
+        seen["generate"] = (lora_dir, config.stage_params("generate", profile, params_file))
+        raise _Stop
+
+    monkeypatch.setattr(finetune, "run", fake_finetune_run)
+    monkeypatch.setattr(generate, "run", fake_generate_run)
+    with pytest.raises(_Stop):
+        ablation.run(None, tmp_path / "prepare", tmp_path / "generate", tmp_path / "ablation", p)
+    stage = config.blocks("finetune", "models", "ablation", path=p)
+    assert seen["finetune"]["finetune"] == {**stage["finetune"], "alpha": stage["ablation"]["alpha"]}
+    assert seen["finetune"]["finetune"]["num_processes"] == 4
+    assert seen["finetune"]["models"] == stage["models"]
+    lora_dir, gen = seen["generate"]
+    assert lora_dir == tmp_path / "ablation" / "finetune" / "lora" and gen["num_processes"] == 3

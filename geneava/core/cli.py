@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,16 +19,19 @@ OWN = ("profile", "params_file")
 def stage_main(
     run: Callable, argv: list[str] | None, description: str, worker: Callable | None = None
 ) -> int:
-    """Parse the run's folders (a parameter without a default is required; `None` defaults are optional
-    folders, e.g. generate's `--lora-dir`) and call `run(profile, ..., params_file=...)`. A stage that
+    """Parse the run's folders (required unless the parameter has a default or is typed `Path | None`,
+    e.g. generate's `--lora-dir`) and call `run(profile, ..., params_file=...)`. A stage that
     re-launches itself under `accelerate launch` passes `worker(profile, params_file, **folders)`, the
     body of one process, so a launched process never launches again."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     folders = [p for name, p in inspect.signature(run).parameters.items() if name not in OWN]
+    hints = typing.get_type_hints(run)
     for p in folders:
-        required = p.default is inspect.Parameter.empty
+        # a folder typed `Path | None` may be left out (generate's --lora-dir: the baseline has none)
+        optional = type(None) in typing.get_args(hints.get(p.name))
+        required = p.default is inspect.Parameter.empty and not optional
         parser.add_argument(f"--{p.name.replace('_', '-')}", type=Path, required=required, default=None)
     parser.add_argument("--profile", default=None, help="default: the profile params.yaml names")
     parser.add_argument("--params", type=Path, default=None, help="another params.yaml")

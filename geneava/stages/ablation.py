@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
-from geneava.core import cli, config, parallel
+from geneava.core import cli, config
 from geneava.core.io import atomic_write_text, write_json
 from geneava.stages import evaluate, finetune, generate, tables
 
@@ -35,6 +36,18 @@ def stage_params(profile: str | None, params_file: Path | None = None) -> dict:
     return b
 
 
+def alpha_params(profile: str | None, params_file: Path | None, alpha: float, out_dir: Path) -> Path:
+    """The params file with finetune.<profile>.alpha set to the ablation's: the fine-tune then runs as the
+    finetune stage runs (under `accelerate launch` when num_processes > 1: the same processes, shards and
+    all-reduce, so the two LoRAs differ in alpha alone)."""
+    raw = yaml.safe_load(Path(params_file or config.project_root() / config.PARAMS_FILE).read_text())
+    raw["finetune"][profile or raw["profile"]]["alpha"] = alpha
+    path = Path(out_dir) / "finetune" / "params.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 def run(
     profile: str | None, prepare_dir: Path, generate_dir: Path, out_dir: Path, params_file: Path | None = None
 ) -> dict:
@@ -46,21 +59,11 @@ def run(
         raise config.ParamsError(
             f"ablation.{profile or 'default'}.alpha equals finetune's alpha ({alpha}): nothing to compare"
         )
-    ft = {**b["finetune"], "alpha": alpha}
-    if not parallel.run_here(ft["num_processes"]):
-        ft["num_processes"] = 1  # the ablation trains in this process
-    history = finetune.finetune(
-        b["models"], b["prompts"], ft, prepare_dir, out_dir / "finetune", b["prepare"]["resolution"]
+    history = finetune.run(
+        profile, prepare_dir, out_dir / "finetune", alpha_params(profile, params_file, alpha, out_dir)
     )
-    gen_params = {**b["generate"], "num_processes": 1}
-    generate.generate(
-        b["models"],
-        b["prompts"],
-        gen_params,
-        out_dir / "generate" / LABEL,
-        lora_dir=out_dir / "finetune" / "lora",
-    )
-    alpha0 = out_dir / "generate" / LABEL
+    alpha0 = out_dir / "generate" / LABEL  # as the generate stage renders (sharded when num_processes > 1)
+    generate.run(profile, out_dir / "finetune" / "lora", alpha0, params_file)
     results = {}
     for name, variants in (
         ("vs_finetuned", {"finetuned": generate_dir / "finetuned", LABEL: alpha0}),
