@@ -7,6 +7,7 @@ on every node), with the main process's address 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -36,12 +37,14 @@ def _params_file(path, **blocks) -> str:
     return str(path)
 
 
-def two_machines(module: str, args: list[str], timeout: int = 900, script: bool = False) -> None:
+def two_machines(module: str, args: list[str], logs, timeout: int = 900, script: bool = False) -> list[str]:
     """`accelerate launch --num_machines 2 --machine_rank r` for r = 0, 1, each one process, started
-    together (rank 0 hosts the rendezvous); both must exit 0."""
+    together (rank 0 hosts the rendezvous); both must exit 0. Returns each machine's output (written to
+    files in `logs`, so neither can block on a full pipe)."""
     port = str(_free_port())
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as parallel.launch gives
-    procs = []
+    procs, files = [], []
+    logs.mkdir(parents=True, exist_ok=True)
     for rank in (0, 1):
         cmd = [
             sys.executable,
@@ -66,16 +69,19 @@ def two_machines(module: str, args: list[str], timeout: int = 900, script: bool 
             module,
             *args,
         ]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs = []
+        files.append(open(logs / f"machine{rank}.log", "w"))  # noqa: SIM115 (closed below)
+        procs.append(subprocess.Popen(cmd, env=env, stdout=files[-1], stderr=subprocess.STDOUT))
     try:
         for p in procs:
-            outputs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+            p.wait(timeout=timeout)
     finally:
-        for p in procs:
+        for p, f in zip(procs, files, strict=True):
             p.kill()
+            f.close()
+    outputs = [(logs / f"machine{rank}.log").read_text(errors="replace") for rank in (0, 1)]
     for rank, (p, out) in enumerate(zip(procs, outputs, strict=True)):
         assert p.returncode == 0, f"machine {rank} failed:\n{out[-3000:]}"
+    return outputs
 
 
 PROBE = """
@@ -92,7 +98,7 @@ def test_two_machines_form_one_group_of_two(tmp_path):
     """What the stages see under two_machines: one process group of 2, ranks 0 and 1, each its machine's
     only (local rank 0), so generate shards its rows and finetune all-reduces across the machines."""
     (tmp_path / "probe.py").write_text(PROBE)
-    two_machines(str(tmp_path / "probe.py"), [str(tmp_path)], script=True)
+    two_machines(str(tmp_path / "probe.py"), [str(tmp_path)], tmp_path / "logs", script=True)
     assert (tmp_path / "rank0").read_text() == "2 0"
     assert (tmp_path / "rank1").read_text() == "2 0"
 
@@ -107,7 +113,13 @@ def test_generate_on_two_machines_equals_one_process(trained, tmp_path):
         capture_output=True,
         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
-    two_machines("geneava.stages.generate", ["--out-dir", str(tmp_path / "two"), *lora])
+    logs = two_machines(
+        "geneava.stages.generate", ["--out-dir", str(tmp_path / "two"), *lora], tmp_path / "logs"
+    )
+    for out in logs:  # each machine rendered its half of the 8 rows (its progress bar's final count)
+        assert re.search(r"generate two: 4img", out) and not re.search(r"generate two: [5-8]img", out), out[
+            -2000:
+        ]
     one = pd.read_csv(tmp_path / "one" / "manifest.csv", keep_default_na=False)
     two = pd.read_csv(tmp_path / "two" / "manifest.csv", keep_default_na=False)
     assert len(one) == 8 and two["row_id"].tolist() == one["row_id"].tolist()
@@ -122,10 +134,8 @@ def test_finetune_on_two_machines_equals_two_processes_on_one(prepared, tmp_path
     ranks, shards and all-reduce): the LoRA weights and the loss log are equal."""
     p = _params_file(tmp_path / "params.yaml", finetune={"num_processes": 2, "max_train_steps": 3})
     finetune.run(None, prepared, tmp_path / "local", p)  # one machine, parallel.launch's two processes
-    two_machines(
-        "geneava.stages.finetune",
-        ["--prepare-dir", str(prepared), "--out-dir", str(tmp_path / "nodes"), "--params", p],
-    )
+    args = ["--prepare-dir", str(prepared), "--out-dir", str(tmp_path / "nodes"), "--params", p]
+    two_machines("geneava.stages.finetune", args, tmp_path / "logs")
     local = load_file(tmp_path / "local" / "lora" / finetune.LORA_FILE)
     nodes = load_file(tmp_path / "nodes" / "lora" / finetune.LORA_FILE)
     assert local.keys() == nodes.keys() and local
@@ -138,7 +148,7 @@ def test_finetune_on_two_machines_equals_two_processes_on_one(prepared, tmp_path
 
 
 @pytest.mark.e2e
-def test_baseline_with_two_processes_equals_one(tmp_path):
+def test_baseline_with_two_processes_equals_one(tmp_path, capfd):
     """The baseline has no LoRA: the launched processes get no --lora-dir (parallel.launch_stage leaves
     None out) and the stage's command line accepts that."""
     from geneava.stages import generate
@@ -148,6 +158,10 @@ def test_baseline_with_two_processes_equals_one(tmp_path):
         None, None, tmp_path / "two", _params_file(tmp_path / "p2.yaml", generate={**GEN, "num_processes": 2})
     )
     assert len(one) == 4 and two["sha256"].tolist() == one["sha256"].tolist()
+    err = capfd.readouterr().err  # each process rendered 2 of the 4 rows
+    assert len(re.findall(r"generate two: 2img \[", err)) == 2 and not re.search(
+        r"generate two: [34]img", err
+    )
 
 
 GEN = {"limit": 4, "batch_size": 2, "qc": False, "steps": 4}
