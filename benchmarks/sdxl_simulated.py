@@ -20,9 +20,11 @@ row, as the fused kernels a GPU picks for fp16 do). FLOPs are the fused run's.
 Where a real GPU differs: autocast is not simulated (fake "cuda" tensors cannot run backward without a
 CUDA driver, so the fakes live on the meta device, where autocast does not exist and is made a no-op
 here): the UNet's weights and activations are fp16, the LoRA, VAE and POSTER fp32, as the paper profile
-keeps them; no allocator fragmentation or cuDNN workspaces; no CUDA context (about 0.5-1 GB; the fit
-columns add `--overhead`). DDP's gradient buckets (the size of the LoRA's gradients, 23 MB) are not
-counted.
+keeps them, but peft's LoRA layers then keep an fp32 copy of each projection's input for the backward
+where autocast would keep fp16 (not measured; it raises the peaks, most with checkpointing off); no
+allocator fragmentation or cuDNN workspaces; no CUDA context (about 0.5-1 GB; the fit columns add
+`--overhead`). Adam's moments are resident (a step is taken before the measured one); DDP's gradient
+buckets (the size of the LoRA's gradients, 23 MB) are not counted.
 
 Run: .venv/bin/python benchmarks/sdxl_simulated.py [--write docs/gpu-plan.md]   (about 5 minutes on 2 cores)
 """
@@ -49,8 +51,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CONFIGS = ROOT / "benchmarks/sdxl-base-1.0"
 GiB = 2**30
-# Dense fp16/bf16 tensor-core peaks from NVIDIA's datasheets (the sparsity figures halved).
-GPUS = {"RTX A6000 (48 GB)": 154.8e12, "H100 SXM (80 GB)": 989.4e12}
+# Dense tensor-core peaks (fp16/bf16, tf32) from NVIDIA's datasheets (the sparsity figures halved).
+GPUS = {"RTX A6000 (48 GB)": (154.8e12, 77.4e12), "H100 SXM (80 GB)": (989.4e12, 494.7e12)}
+
+
+class DtypeFlops(FlopCounterMode):
+    """torch's FLOP counter, also summing each op's FLOPs by the dtype of its first tensor input: the
+    fp16 UNet runs at the fp16 tensor peak, the fp32 VAE and POSTER at best at the tf32 one."""
+
+    def __init__(self):
+        super().__init__(display=False)
+        self.fp32 = 0
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        if func_packet in self.flop_registry:
+            first = next((t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)), None)
+            if first is not None and first.dtype == torch.float32:
+                self.fp32 += self.flop_registry[func_packet](*args, **kwargs, out_val=out)
+        return super()._count_flops(func_packet, out, args, kwargs)
 
 
 class PeakStorage(TorchDispatchMode):
@@ -163,9 +181,10 @@ def _meta_autocast() -> None:
 
 def _measure(existing, fn) -> dict:
     peak = PeakStorage(existing)
-    with peak, FlopCounterMode(display=False) as flops:
+    with peak, DtypeFlops() as flops:
         fn()
-    return {"weights": peak.start, "peak": peak.peak, "flops": flops.get_total_flops()}
+    total = flops.get_total_flops()
+    return {"weights": peak.start, "peak": peak.peak, "end": peak.live, "flops": total, "fp32": flops.fp32}
 
 
 def train_step(alpha: float, checkpointing: bool, attn: str, px: int, batch: int) -> dict:
@@ -192,16 +211,31 @@ def train_step(alpha: float, checkpointing: bool, attn: str, px: int, batch: int
         ]
         lora = [p for p in m["unet"].parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(lora, lr=1e-6, weight_decay=1e-2)
+        for p in lora:  # a step before: Adam's moments are resident through every later step
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
         def step():
             loss = losses_for_batch(
                 m["unet"], m["vae"], m["poster"], scheduler, *inputs, alpha, px, torch.Generator()
             )[0]
             loss.backward()
-            optimizer.step()  # allocates Adam's two moments (first step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
         tensors = [t for mod in m.values() for t in (*mod.parameters(), *mod.buffers())]
-        return _measure(tensors + [t for t in inputs if t is not None], step)
+        state = [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        return _measure(tensors + state + [t for t in inputs if t is not None], step)
+
+
+def _resident(m: dict) -> list:
+    """What generation keeps on the device: the UNet, both text encoders and the VAE."""
+    return [
+        t
+        for k in ("unet", "text_encoder", "text_encoder_2", "vae")
+        for t in (*m[k].parameters(), *m[k].buffers())
+    ]
 
 
 def denoise_step(attn: str, px: int, batch: int) -> dict:
@@ -220,7 +254,7 @@ def denoise_step(attn: str, px: int, batch: int) -> dict:
             "text_embeds": torch.empty(n, 1280, device="meta", dtype=torch.float16),
             "time_ids": torch.empty(n, 6, device="meta", dtype=torch.float16),
         }
-        resident = [t for k in ("unet", "text_encoder", "text_encoder_2", "vae") for t in m[k].parameters()]
+        resident = _resident(m)
 
         def call():
             with torch.no_grad():
@@ -237,7 +271,7 @@ def decode_step(attn: str, px: int) -> dict:
             fake_weights(m[name], torch.float16)
         fake_weights(m["vae"], torch.float32)
         z = torch.empty(1, 4, px // 8, px // 8, device="meta")
-        resident = [t for k in ("unet", "text_encoder", "text_encoder_2", "vae") for t in m[k].parameters()]
+        resident = _resident(m)
 
         def call():
             with torch.no_grad():
@@ -270,29 +304,35 @@ def paper_counts() -> dict:
     }
 
 
-def gpu_plan(results: dict, counts: dict, utilisation: float) -> list[tuple[str, float, str]]:
-    """(work, FLOPs, what it counts) for a full paper-profile reproduction (QC retries excluded)."""
+def gpu_plan(results: dict, counts: dict) -> list[tuple[str, float, float, str]]:
+    """(work, fp16 FLOPs, fp32 FLOPs, what it counts) of a full paper-profile reproduction's GPU work."""
     c = counts
-    per_image_train = {
-        a: results[("train", a, c["checkpointing"])]["flops"] / c["train_batch"] for a in (0.0, c["alpha"])
-    }
-    image_steps = c["train_images"] * c["epochs"]
-    per_image_gen = (c["steps"] * results[("denoise",)]["flops"] / c["gen_batch"]) + results[("decode",)][
-        "flops"
+
+    def split(key, times: float) -> tuple[float, float]:
+        r = results[key]
+        return (r["flops"] - r["fp32"]) * times, r["fp32"] * times
+
+    image_steps = c["train_images"] * c["epochs"] / c["train_batch"]
+    per_image = [
+        a + b
+        for a, b in zip(
+            split(("denoise",), c["steps"] / c["gen_batch"]), split(("decode",), 1.0), strict=True
+        )
     ]
+    ck = c["checkpointing"]
     return [
         (
             f"finetune (alpha {c['alpha']:g})",
-            image_steps * per_image_train[c["alpha"]],
+            *split(("train", c["alpha"], ck), image_steps),
             f"{c['train_images']:,} images x {c['epochs']} epochs",
         ),
-        ("ablation finetune (alpha 0)", image_steps * per_image_train[0.0], "the same images, L_dm alone"),
+        ("ablation finetune (alpha 0)", *split(("train", 0.0, ck), image_steps), "the same, L_dm alone"),
         (
             "generate: fine-tuned + baseline",
-            2 * c["rows"] * per_image_gen,
+            *(2 * c["rows"] * f for f in per_image),
             f"2 x {c['rows']:,} images, {c['steps']} CFG steps + decode",
         ),
-        ("ablation's images", c["rows"] * per_image_gen, f"{c['rows']:,} images"),
+        ("ablation's images", *(c["rows"] * f for f in per_image), f"{c['rows']:,} images"),
     ]
 
 
@@ -315,6 +355,9 @@ def page(results: dict, counts: dict, utilisation: float, overhead: float, secon
     c, G = counts, 1e9
     lines = [
         "# The paper profile on a GPU: memory and GPU time (generated)",
+        "",
+        "<!-- Generated: do not edit. Regenerate with",
+        "     .venv/bin/python benchmarks/sdxl_simulated.py --write docs/gpu-plan.md [--utilisation 0.4] -->",
         "",
         f"Written by `benchmarks/sdxl_simulated.py` on {datetime.date.today()} (torch {torch.__version__};",
         f"{seconds:.0f} s on a CPU). **Simulated, not measured on a GPU** (none was lent to this project);",
@@ -350,7 +393,9 @@ def page(results: dict, counts: dict, utilisation: float, overhead: float, secon
         "",
         f"## What fits (fused peak + {overhead:g} GiB for the CUDA context and allocator)",
         "",
-        "| case | 24 GB | 48 GB | 80 GB |",
+        "The need in GiB (2^30 bytes) against a GPU's size in GB (10^9 bytes), as GPUs are sold.",
+        "",
+        "| case (need) | 24 GB | 48 GB | 80 GB |",
         "|---|---|---|---|",
     ]
     for label, key, ck in rows[:-2] + [("generation (denoise or decode)", None, "-")]:
@@ -362,25 +407,32 @@ def page(results: dict, counts: dict, utilisation: float, overhead: float, secon
         ck_text = f", checkpointing {ck}" if ck != "-" else ""
         fits = " | ".join("yes" if need * GiB <= gb * G else "no" for gb in (24, 48, 80))
         lines.append(f"| {label}{ck_text} ({need:.1f} GiB) | {fits} |")
-    plan = gpu_plan(results, c, utilisation)
-    total = sum(f for _, f, _ in plan)
+    plan = gpu_plan(results, c)
     names = list(GPUS)
     lines += [
         "",
-        f"## GPU-hours of a full reproduction (at {utilisation:.0%} of the dense fp16 peak)",
+        f"## GPU-hours of a full reproduction (at {utilisation:.0%} of the dense tensor-core peak)",
         "",
-        "GPU-hours = FLOPs / (peak x utilisation) / 3600. Peaks: "
-        + ", ".join(f"{n} {p / 1e12:.0f} TFLOP/s" for n, p in GPUS.items())
-        + " (NVIDIA's dense fp16 tensor figures). The utilisation is an assumption, not a measurement:",
-        "scale the hours by it. QC retries and refills (each one more image), stylization and",
-        "evaluation (small networks) are not counted.",
+        "GPU-hours = (fp16 FLOPs / fp16 peak + fp32 FLOPs / tf32 peak) / utilisation / 3600, with NVIDIA's",
+        "dense peaks: "
+        + "; ".join(f"{n} {a / 1e12:.0f} (fp16), {b / 1e12:.0f} (tf32) TFLOP/s" for n, (a, b) in GPUS.items())
+        + ".",
+        "fp32 work (the VAE, POSTER) is priced at the tf32 peak: cuDNN convolutions use TF32 by default,",
+        "fp32 matmuls do not unless allowed, so that part is optimistic. An H100 PCIe has a lower peak than",
+        "the SXM one. The utilisation is an assumption, not a measurement (`--utilisation`; the hours scale",
+        "with its inverse). Wall-clock time is GPU-hours / GPUs for the sharded work. Not counted: QC",
+        "retries and refills (each one more image), prepare (RetinaFace, the watermark filter), evaluation,",
+        "memorization (ArcFace over the reference set), stylization, the fine-tune preview, data loading.",
         "",
-        f"| work | counts | PFLOPs | {names[0]} GPU-h | {names[1]} GPU-h |",
+        f"| work | counts | PFLOPs (fp32 share) | {names[0]} GPU-h | {names[1]} GPU-h |",
         "|---|---|---|---|---|",
     ]
-    for work, flops, what in plan + [("total", total, "")]:
-        hours = [flops / (p * utilisation) / 3600 for p in GPUS.values()]
-        lines.append(f"| {work} | {what} | {flops / 1e15:,.0f} | {hours[0]:,.1f} | {hours[1]:,.1f} |")
+    total16, total32 = sum(p[1] for p in plan), sum(p[2] for p in plan)
+    for work, f16, f32, what in plan + [("total", total16, total32, "")]:
+        hours = [(f16 / a + f32 / b) / utilisation / 3600 for a, b in GPUS.values()]
+        share = f32 / (f16 + f32)
+        flops = f"{(f16 + f32) / 1e15:,.0f} ({share:.0%})"
+        lines.append(f"| {work} | {what} | {flops} | {hours[0]:,.1f} | {hours[1]:,.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -23,28 +23,33 @@ def sim():
     return module
 
 
-def _chain(sim, depth: int, grad: bool) -> tuple[int, int]:
-    """(peak - resident, resident) of a Linear/GELU chain, 4096 x 1024 fp32 activations (16 MiB each)."""
+def _chain(sim, depth: int, grad: bool) -> dict:
+    """A Linear/GELU chain on 4096 x 1024 fp32 activations (16 MiB each); the resident tensors are
+    listed with repeats and a view, which must each count once."""
     with torch.device("meta"):
         layers = [m for _ in range(depth) for m in (torch.nn.Linear(1024, 1024), torch.nn.GELU())]
         net = torch.nn.Sequential(*layers)
     with FakeTensorMode(allow_non_fake_inputs=True):
         sim.fake_weights(net, torch.float32, trainable="" if grad else None)
         x = torch.empty(4096, 1024, device="meta")
-        r = sim._measure([*net.parameters(), x], lambda: net(x))
-    return r["peak"] - r["weights"], r["weights"]
+        kept = []
+        r = sim._measure([*net.parameters(), x, x, net[0].weight.t()], lambda: kept.append(net(x)))
+        kept.clear()
+    return r
 
 
 @pytest.mark.parametrize("depth", [4, 20])
 def test_peak_counts_each_storage_once_and_frees_it(sim, depth):
     # resident: the weights (4 MiB + 4 KiB each) and the input (16 MiB), counted once
-    activations, resident = _chain(sim, depth, grad=False)
-    assert resident == depth * (1024 * 1024 + 1024) * 4 + 16 * MiB
+    r = _chain(sim, depth, grad=False)
+    assert r["weights"] == depth * (1024 * 1024 + 1024) * 4 + 16 * MiB
     # without grad a layer's output dies when the next one's is made: two at a time, at any depth
     # (a view of a weight, the transpose inside Linear, is not a new allocation)
-    assert activations == 2 * 16 * MiB
+    assert r["peak"] - r["weights"] == 2 * 16 * MiB
+    assert r["end"] == r["weights"] + 16 * MiB  # every storage freed but the output the lambda kept
     # with grad every Linear and GELU output is kept for the backward
-    assert _chain(sim, depth, grad=True)[0] == 2 * depth * 16 * MiB
+    g = _chain(sim, depth, grad=True)
+    assert g["peak"] - g["weights"] == 2 * depth * 16 * MiB
 
 
 def test_fused_attention_keeps_no_attention_matrix(sim):
@@ -66,12 +71,41 @@ def test_fused_attention_keeps_no_attention_matrix(sim):
     assert torch.nn.functional.scaled_dot_product_attention is sdpa  # restored
 
 
+@pytest.mark.e2e
+def test_the_simulation_checkpoints_as_finetune_does(sim):
+    """finetune.training_models checkpoints the UNet and the VAE; so do the simulated models."""
+    m = sim.meta_models(lora=True, checkpointing=True)
+    for name in ("unet", "vae"):
+        flags = [
+            mod.gradient_checkpointing for mod in m[name].modules() if hasattr(mod, "gradient_checkpointing")
+        ]
+        assert flags and all(flags), name
+    off = sim.meta_models(lora=True, checkpointing=False)
+    assert not any(getattr(mod, "gradient_checkpointing", False) for mod in off["unet"].modules())
+
+
+@pytest.mark.e2e
 def test_paper_step_at_a_small_size(sim):
     """The project's own training step (alpha 1) at SDXL's full architecture, 512 px: checkpointing lowers
     the peak and recomputes the forward; the resident weights are SDXL's and POSTER's."""
     r = {ck: sim.train_step(1.0, ck, "fused", 512, 1) for ck in (False, True)}
     resident = r[False]["weights"]
-    assert 6.5 * 2**30 < resident < 7.5 * 2**30  # fp16 UNet + text encoders, fp32 VAE, POSTER, LoRA
-    assert r[True]["weights"] == resident
+    # the published parameter counts (tests/test_sdxl_shapes.py) in their dtypes, LoRA + Adam's moments
+    fp16 = 2_567_463_684 + 123_060_480 + 694_659_840
+    fp32 = 83_653_863 + 3 * 5_806_080
+    assert fp16 * 2 + fp32 * 4 < resident < fp16 * 2 + fp32 * 4 + 0.35 * 2**30  # + POSTER, buffers, inputs
     assert resident < r[True]["peak"] < r[False]["peak"]
     assert r[True]["flops"] > r[False]["flops"] > 0
+
+
+def test_flops_are_split_by_the_dtype_they_run_in(sim):
+    """The GPU-hours price fp32 work (VAE, POSTER) at the tf32 peak and fp16 work at the fp16 one."""
+    with torch.device("meta"):
+        a, b = torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        sim.fake_weights(a, torch.float16)
+        sim.fake_weights(b, torch.float32)
+        x = torch.empty(64, 256, device="meta", dtype=torch.float16)
+        r = sim._measure([x], lambda: b(a(x).float()))
+    per_linear = 2 * 64 * 256 * 256
+    assert r["flops"] == 2 * per_linear and r["fp32"] == per_linear
