@@ -1,0 +1,294 @@
+"""The paper's counts through the whole DAG, with the world's small models: a rehearsal of the paper
+profile's run (issue 20) on a CPU.
+
+Every count of the paper: 8 fine-tuning + 50 evaluation images per class (from a procedural stand-in
+with 64 per class), 8 epochs, 135 x 98 = 13,230 prompts rendered by the fine-tuned model, the baseline
+and the ablation, QC and refill keeping 98 per expression, Table 1 over all of them, the memorization
+audit against 10,177 procedural reference identities (CelebA's count, in CelebA's layout), and a strictly
+balanced release of 13,230 avatar/face pairs. What keeps it to CPU-hours: the default profile's world
+models at 64 px and fewer sampling steps. `--fraction 0.1` runs the same with every tenth of the work
+(14 of the 135 expressions: their 98 rows each, 1,018 reference identities).
+
+It runs as a DVC experiment (`dvc exp run -S key=value ...`, the overrides below) in a clone of this
+repository, so the workspace's own outputs are left alone; the clone imports its own code (PYTHONPATH).
+Per stage it records the wall time (papermill's duration of the executed notebook) and the peak RSS of
+the stage's process tree (sampled every second); the run's counts come from the stages' metrics files.
+Each run writes benchmarks/rehearsal/<percent>.json; --page renders docs/rehearsal.md from all of them.
+
+Run: .venv/bin/python benchmarks/rehearsal.py --fraction 0.1 [--dir /tmp/rehearsal] [--page]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks/rehearsal"
+IDENTITIES = 10_177  # CelebA's identities (the paper's reference set)
+PER_CLASS = 64  # stand-in images per class: 8 + 50, with room for the hard cases prepare drops
+STEPS = 8  # sampling steps (the default profile's 20 cost 2.5x the rendering time)
+STAGES = ["prepare", "finetune", "generate", "evaluate", "memorization", "stylize", "ablation",
+          "refill", "release", "userstudy"]  # fmt: skip
+
+
+def write_reference(root: Path, identities: int, size: int = 64, seed: int = 0) -> Path:
+    """A procedural reference set in CelebA's layout: img_align_celeba/<6 digits>.png and
+    identity_CelebA.txt (`name identity` per line), one face per identity with a random expression.
+    Written into a temporary folder and moved into place, so an interrupted run leaves nothing half-made."""
+    import numpy as np
+
+    from geneava.core import emo135
+    from geneava.world import standin
+
+    final = Path(root)
+    if (final / "identity_CelebA.txt").is_file():
+        return final
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "img_align_celeba").mkdir(parents=True)
+    classes = emo135.classes()
+    lines = []
+    for i in range(identities):
+        rng = np.random.default_rng([seed, 977, i])
+        expression = classes[int(rng.integers(len(classes)))]
+        attrs = {**standin.sample_attributes(expression, 100_000 + i), **standin.sample_identity(rng)}
+        name = f"{i + 1:06d}.png"
+        standin.render_face(attrs, size).save(tmp / "img_align_celeba" / name)
+        lines.append(f"{name} {i + 1}")
+    (tmp / "identity_CelebA.txt").write_text("\n".join(lines) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def chosen_expressions(data: Path, fraction: float) -> list[str] | None:
+    """The expressions a fraction of the work renders: the first classes prepare takes (its
+    `classes: N` keeps the first N class folders in sorted order); None = all."""
+    if fraction >= 1:
+        return None
+    folders = sorted(p.name for p in (data / "emo135").iterdir() if p.is_dir() and not p.name.startswith("."))
+    return folders[: max(1, round(len(folders) * fraction))]
+
+
+def overrides(fraction: float, expressions: list[str] | None) -> dict:
+    """params.yaml keys (default profile) set for the rehearsal: the paper's counts."""
+    return {
+        "prepare.default.source": "rehearsal-data/emo135",
+        "prepare.default.finetune_per_class": 8,
+        "prepare.default.eval_per_class": 50,
+        "prepare.default.classes": len(expressions) if expressions else None,
+        "finetune.default.epochs": 8,
+        "generate.default.limit": None,
+        "generate.default.expressions": expressions,
+        "generate.default.steps": STEPS,
+        "memorization.default.reference": "rehearsal-data/celeba/img_align_celeba",
+        "memorization.default.reference_identities": "rehearsal-data/celeba/identity_CelebA.txt",
+        "memorization.default.reference_limit": round(IDENTITIES * fraction) if fraction < 1 else None,
+    }
+
+
+def apply(params: dict, over: dict) -> dict:
+    """`params` with the dotted keys of `over` set (what `dvc exp run -S` does to params.yaml)."""
+    import copy
+
+    out = copy.deepcopy(params)
+    for dotted, value in over.items():
+        *path, key = dotted.split(".")
+        block = out
+        for part in path:
+            block = block[part]
+        if key not in block:
+            raise KeyError(f"{dotted}: no such key in params.yaml")
+        block[key] = value
+    return out
+
+
+def check(params_file: Path, over: dict) -> dict:
+    """params.yaml with the overrides applied, validated as every stage validates it."""
+    import yaml
+
+    from geneava.core import config
+
+    return config.validate(apply(yaml.safe_load(Path(params_file).read_text()), over))
+
+
+class StagePeaks(threading.Thread):
+    """Peak RSS of the process tree under `pid`, per stage (the papermill notebook running)."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peaks, self.stop = pid, {}, threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            try:
+                procs = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
+                stage, rss = None, 0
+                for p in procs:
+                    try:
+                        cmd = " ".join(p.cmdline())
+                        rss += p.memory_info().rss
+                    except psutil.Error:
+                        continue
+                    stage = stage or next(
+                        (s for s in STAGES if f"_{s}.ipynb" in cmd and "papermill" in cmd), None
+                    )
+                if stage:
+                    self.peaks[stage] = max(self.peaks.get(stage, 0), rss)
+            except psutil.Error:
+                pass
+            self.stop.wait(1.0)
+
+
+def prepare_clone(where: Path) -> None:
+    """A clone of this repository's HEAD with the untracked inputs a run needs (data/, the fetched
+    pretrained files) copied in."""
+    if not (where / ".git").exists():
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(where)], check=True)
+    for sub in ("data", "models/pretrained"):
+        if not (where / sub).exists() and (ROOT / sub).exists():
+            shutil.copytree(ROOT / sub, where / sub)
+
+
+def run(fraction: float, where: Path) -> dict:
+    from geneava.world import dataset
+
+    prepare_clone(where)
+    data = where / "rehearsal-data"
+    if not (data / "emo135").is_dir():
+        dataset.write_standin(data, per_class=PER_CLASS)
+    write_reference(data / "celeba", IDENTITIES)
+    expressions = chosen_expressions(data, fraction)
+    over = overrides(fraction, expressions)
+    check(where / "params.yaml", over)  # a bad key or value fails here, not after an hour
+    name = f"rehearsal-{round(100 * fraction)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [str(ROOT / ".venv/bin/dvc"), "exp", "run", "-n", name]
+    cmd += [a for k, v in over.items() for a in ("-S", f"{k}={json.dumps(v)}")]
+    env = {**os.environ, "PYTHONPATH": str(where), "PATH": f"{ROOT / '.venv/bin'}:{os.environ['PATH']}"}
+    t0 = time.time()
+    with open(where / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT)
+        peaks = StagePeaks(proc.pid)
+        peaks.start()
+        rc = proc.wait()
+        peaks.stop.set()
+    if rc != 0:
+        raise SystemExit(f"dvc exp run failed ({rc}); see {where / f'{name}.log'}")
+    return collect(where, fraction, over, peaks.peaks, time.time() - t0)
+
+
+def collect(where: Path, fraction: float, over: dict, peaks: dict, wall: float) -> dict:
+    out = where / "outputs"
+
+    def read(name: str) -> dict:
+        return json.loads((out / name).read_text())
+
+    stages = {}
+    for stage in STAGES:
+        nb = next((out / stage).glob("[0-9][0-9]_*.ipynb"))
+        stages[stage] = {
+            "seconds": json.loads(nb.read_text())["metadata"]["papermill"]["duration"],
+            "peak_rss_gib": round(peaks.get(stage, 0) / 2**30, 2),
+        }
+    return {
+        "fraction": fraction,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True
+        ).stdout.strip(),  # fmt: skip
+        "cpus": os.cpu_count(),
+        "wall_seconds": round(wall),
+        "overrides": over,
+        "stages": stages,
+        "counts": {
+            "prepare": read("prepare/metrics.json"),
+            "generate": read("generate/metrics.json"),
+            "refill": read("refill/report.json"),
+            "release": read("release/metrics.json"),
+            "memorization_reference": read("memorization/report.json")["reference"],
+        },
+    }
+
+
+def page(runs: list[dict]) -> str:
+    """docs/rehearsal.md from the recorded runs (smallest fraction first)."""
+    runs = sorted(runs, key=lambda r: r["fraction"])
+    head = " | ".join(f"{round(100 * r['fraction'])}%: s (peak RSS GiB)" for r in runs)
+    lines = [
+        "# The paper's counts, rehearsed on a CPU (generated)",
+        "",
+        "<!-- Generated: do not edit. Regenerate with .venv/bin/python benchmarks/rehearsal.py --page -->",
+        "",
+        "`benchmarks/rehearsal.py` runs the whole DAG as a DVC experiment with the paper's counts and",
+        "the world's small models at 64 px (its docstring says what is and is not the paper's); each run's",
+        "record is in benchmarks/rehearsal/. Times are papermill's per stage; peak RSS is the stage's",
+        "process tree, sampled every second.",
+        "",
+        "| run | date | commit | CPUs | wall (s) | expressions | rows per variant | released | strict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        g, rel = r["counts"]["generate"], r["counts"]["release"]
+        n_expr = len(r["overrides"]["generate.default.expressions"] or []) or 135
+        strict = rel["balance"] == "strict" and rel["cells_off"] == 0 and rel["images"] == rel["cells"]
+        run_cells = [f"{round(100 * r['fraction'])}%", r["date"], r["commit"], r["cpus"], r["wall_seconds"]]
+        count_cells = [
+            n_expr,
+            f"{g['finetuned']['rows']:,}",
+            f"{rel['images']:,}",
+            "passed" if strict else "FAILED",
+        ]
+        lines.append("| " + " | ".join(str(c) for c in run_cells + count_cells) + " |")
+    lines += [
+        "",
+        f"| stage | {head} |" + (" growth |" if len(runs) > 1 else ""),
+        "|---|" + "---|" * (len(runs) + (len(runs) > 1)),
+    ]
+    for stage in STAGES:
+        cells = [
+            f"{r['stages'][stage]['seconds']:.0f} ({r['stages'][stage]['peak_rss_gib']:.1f})" for r in runs
+        ]
+        if len(runs) > 1:
+            a, b = runs[0], runs[-1]
+            ratio = b["stages"][stage]["seconds"] / max(a["stages"][stage]["seconds"], 1e-9)
+            cells.append(f"x{ratio:.1f} for x{b['fraction'] / a['fraction']:.0f} the work")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines += ["", "Refill and QC:", ""]
+    for r in runs:
+        lines.append(
+            f"- {round(100 * r['fraction'])}%: refill {json.dumps(r['counts']['refill'])}; "
+            f"reference set: {r['counts']['memorization_reference']}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fraction", type=float, help="share of the paper's work: 0.1 or 1")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/geneava-rehearsal"), help="the clone to run in")
+    ap.add_argument("--page", action="store_true", help="write docs/rehearsal.md from benchmarks/rehearsal/")
+    args = ap.parse_args(argv)
+    from geneava.core.io import atomic_write_text, write_json
+
+    if args.fraction is not None:
+        record = run(args.fraction, args.dir)
+        write_json(RESULTS / f"{round(100 * args.fraction)}.json", record)
+        print(json.dumps(record["stages"], indent=1))
+    if args.page:
+        runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+        atomic_write_text(ROOT / "docs/rehearsal.md", page(runs))
+
+
+if __name__ == "__main__":
+    main()
