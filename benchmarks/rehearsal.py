@@ -114,11 +114,9 @@ def apply(params: dict, over: dict) -> dict:
 
 def check(params_file: Path, over: dict) -> dict:
     """params.yaml with the overrides applied, validated as every stage validates it."""
-    import yaml
-
     from geneava.core import config
 
-    return config.validate(apply(yaml.safe_load(Path(params_file).read_text()), over))
+    return config.validate(apply(config.read_yaml(params_file), over))
 
 
 class StagePeaks(threading.Thread):

@@ -211,3 +211,28 @@ def test_paths_mean_the_project_roots_wherever_the_process_runs(monkeypatch, tmp
     assert config.path(tmp_path) == tmp_path  # absolute paths stay
     monkeypatch.chdir(tmp_path)  # outside the checkout: the checkout geneava is installed from
     assert config.project_root() == ROOT
+
+
+def test_params_read_the_same_after_dvc_rewrites_them(tmp_path):
+    """`dvc exp run -S key=value` rewrites params.yaml with its YAML 1.2 dumper, which leaves `no` unquoted;
+    the project reads YAML 1.2 as DVC does, so every value stays what it was (PyYAML, YAML 1.1, read
+    finetune.default.mixed_precision as False and every stage refused the file)."""
+    import shutil
+
+    from dvc.utils.serialize import modify_yaml
+
+    copy = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", copy)
+    with modify_yaml(copy) as data:
+        data["generate"]["default"]["steps"] = 7  # what `dvc exp run -S generate.default.steps=7` does
+    assert "mixed_precision: no\n" in copy.read_text()  # DVC's dump: unquoted
+    before, after = config.load_params(ROOT / "params.yaml"), config.load_params(copy)
+    assert after["generate"]["default"]["steps"] == 7
+    after["generate"]["default"]["steps"] = before["generate"]["default"]["steps"]
+    assert after == before
+
+
+def test_params_yaml_means_the_same_in_yaml_1_1_and_1_2():
+    """Every value of params.yaml reads alike under YAML 1.1 (PyYAML: the tests' own copies of the file)
+    and 1.2 (DVC, geneava): switching the project's reader changed no parameter."""
+    assert config.read_yaml(ROOT / "params.yaml") == yaml.safe_load((ROOT / "params.yaml").read_text())

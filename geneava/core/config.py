@@ -21,8 +21,6 @@ import re
 import sys
 from pathlib import Path
 
-import yaml
-
 from geneava.core.schema import (
     DETECTOR,
     DETECTOR_READERS,
@@ -149,14 +147,21 @@ def validate(params: dict) -> dict:
     return out
 
 
+def read_yaml(path: Path):
+    """A YAML file read as DVC reads and writes params.yaml: YAML 1.2 (ruamel). `dvc exp run -S` rewrites
+    the file, and YAML 1.1 readers (PyYAML) then take its unquoted `no` for False."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        return YAML(typ="safe", pure=True).load(Path(path).read_text())
+    except YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from e
+
+
 def load_params(path: Path | None = None) -> dict:
     """Read and validate the whole params file."""
-    path = Path(path) if path else project_root() / PARAMS_FILE
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path} is not valid YAML: {e}") from e
-    return validate(raw)
+    return validate(read_yaml(Path(path) if path else project_root() / PARAMS_FILE))
 
 
 def stage_params(stage: str, profile: str | None = None, path: Path | None = None) -> dict:

@@ -40,7 +40,7 @@ def alpha_params(profile: str | None, params_file: Path | None, alpha: float, ou
     """The params file with finetune.<profile>.alpha set to the ablation's: the fine-tune then runs as the
     finetune stage runs (under `accelerate launch` when num_processes > 1: the same processes, shards and
     all-reduce, so the two LoRAs differ in alpha alone)."""
-    raw = yaml.safe_load(Path(params_file or config.project_root() / config.PARAMS_FILE).read_text())
+    raw = config.read_yaml(Path(params_file or config.project_root() / config.PARAMS_FILE))
     raw["finetune"][profile or raw["profile"]]["alpha"] = alpha
     path = Path(out_dir) / "finetune" / "params.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -169,7 +169,7 @@ def _check_current(root: Path) -> None:
 
 
 def _profile(root: Path) -> str | None:
-    return (yaml.safe_load((root / "params.yaml").read_text()) or {}).get("profile")
+    return (config.read_yaml(root / "params.yaml") or {}).get("profile")
 
 
 class StaleRun(RuntimeError):
