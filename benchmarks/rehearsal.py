@@ -154,9 +154,9 @@ def prepare_clone(where: Path) -> None:
     pretrained files) copied in."""
     if not (where / ".git").exists():
         subprocess.run(["git", "clone", "-q", str(ROOT), str(where)], check=True)
-    for sub in ("data", "models/pretrained"):
-        if not (where / sub).exists() and (ROOT / sub).exists():
-            shutil.copytree(ROOT / sub, where / sub)
+    for sub in ("data", "models/pretrained"):  # the clone may hold a tracked README there: add, not replace
+        if (ROOT / sub).exists():
+            shutil.copytree(ROOT / sub, where / sub, dirs_exist_ok=True)
 
 
 def run(fraction: float, where: Path) -> dict:
@@ -197,7 +197,7 @@ def collect(where: Path, fraction: float, over: dict, peaks: dict, wall: float) 
         nb = next((out / stage).glob("[0-9][0-9]_*.ipynb"))
         stages[stage] = {
             "seconds": json.loads(nb.read_text())["metadata"]["papermill"]["duration"],
-            "peak_rss_gib": round(peaks.get(stage, 0) / 2**30, 2),
+            "peak_rss_gib": round(peaks[stage] / 2**30, 2) if stage in peaks else None,  # None: not run now
         }
     return {
         "fraction": fraction,

@@ -385,3 +385,29 @@ def test_two_process_shards_equal_a_single_process_run(trained, tmp_path, monkey
     )
     assert len(two) == 8 and two["row_id"].tolist() == one["row_id"].tolist()
     assert two["sha256"].tolist() == one["sha256"].tolist()  # image for image
+
+
+def test_image_grid_shows_a_spread_sample_of_a_large_run(tmp_path):
+    """The paper's 13,230 rows would make a figure hundreds of thousands of pixels tall: the grid draws
+    at most `most` rows, evenly spaced, first and last included."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    manifest = pd.DataFrame(
+        {
+            "file": ["x.png"] * 100,
+            "qc": ["pass"] * 100,
+            "expression": [f"e{i}" for i in range(100)],
+            "age": "adult",
+            "race": "White",
+            "gender": "female",
+        }  # fmt: skip
+    )
+    fig = generate.image_grid(manifest, tmp_path, most=12)
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    plt.close(fig)
+    assert len(titles) == 12 and titles[0].startswith("e0\n") and titles[-1].startswith("e99\n")
+    small = generate.image_grid(manifest.head(5), tmp_path, most=12)
+    assert sum(bool(ax.images) for ax in small.axes) == 5
+    plt.close(small)

@@ -305,11 +305,17 @@ def write_metrics(manifests: dict[str, pd.DataFrame], path: Path) -> dict:
 # ------------------------------------------------------------------ figures
 
 
-def image_grid(manifest: pd.DataFrame, out_dir: Path, columns: int = 4, save_to: Path | None = None):
-    """A captioned grid of generated images (matplotlib figure); QC failures are marked."""
+def image_grid(
+    manifest: pd.DataFrame, out_dir: Path, columns: int = 4, save_to: Path | None = None, most: int = 48
+):
+    """A captioned grid of generated images (matplotlib figure); QC failures are marked. At most `most`
+    rows, evenly spaced over the manifest (so over expressions and people): a figure of every row of the
+    paper's 13,230 would be hundreds of thousands of pixels tall."""
     import matplotlib.pyplot as plt
     from PIL import Image
 
+    if len(manifest) > most:
+        manifest = manifest.iloc[np.linspace(0, len(manifest) - 1, most).round().astype(int)]
     n = len(manifest)
     cols = min(columns, n)
     rows = -(-n // cols)
