@@ -262,11 +262,14 @@ def page(runs: list[dict]) -> str:
             ratio = b["stages"][stage]["seconds"] / max(a["stages"][stage]["seconds"], 1e-9)
             cells.append(f"x{ratio:.1f} for x{b['fraction'] / a['fraction']:.0f} the work")
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-    lines += ["", "Refill and QC:", ""]
+    lines += ["", "QC, refill and the memorization audit:", ""]
     for r in runs:
+        g = r["counts"]["generate"]
+        searched = r["overrides"]["memorization.default.reference_limit"] or IDENTITIES
+        qc = ", ".join(f"{v} {g[v]['kept']:,} of {g[v]['rows']:,} kept" for v in ("finetuned", "baseline"))
         lines.append(
-            f"- {round(100 * r['fraction'])}%: refill {json.dumps(r['counts']['refill'])}; "
-            f"reference set: {r['counts']['memorization_reference']}"
+            f"- {round(100 * r['fraction'])}%: QC {qc}; refill {json.dumps(r['counts']['refill'])}; "
+            f"{searched:,} reference identities searched"
         )
     return "\n".join(lines) + "\n"
 

@@ -58,7 +58,7 @@ def test_reference_set_is_read_as_celeba(rehearsal, tmp_path, default):
         "reference_limit": 3,
     }
     rows, what = memorization.reference_set(params, tmp_path, tmp_path)
-    assert len(rows) == 3 and "5 identities, one image each" in what
+    assert len(rows) == 3 and "(5 identities, one image each); the first 3 searched" in what
     # faces of different people (the identity is drawn per line)
     from PIL import Image
 

@@ -69,8 +69,9 @@ def reference_set(params: dict, prepare_dir: Path, root: Path) -> tuple[pd.DataF
     else:
         names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         what = f"{folder} ({len(names)} images)"
-    if params["reference_limit"]:
+    if params["reference_limit"] and len(names) > params["reference_limit"]:
         names = names[: params["reference_limit"]]
+        what = f"{what}; the first {len(names)} searched (reference_limit)"
     rows = pd.DataFrame({"name": names, "path": [str(folder / n) for n in names]})
     rows["sha256"] = [sha256_file(Path(p)) for p in rows["path"]]
     return rows, what
