@@ -15,7 +15,7 @@ Per stage it records the wall time (papermill's duration of the executed noteboo
 the stage's process tree (sampled every second); the run's counts come from the stages' metrics files.
 Each run writes benchmarks/rehearsal/<percent>.json; --page renders docs/rehearsal.md from all of them.
 
-Run: .venv/bin/python benchmarks/rehearsal.py --fraction 0.1 [--dir /tmp/rehearsal] [--page]
+Run: .venv/bin/python benchmarks/rehearsal.py --fraction 0.1 [--dir NEW_FOLDER] [--page]
 """
 
 from __future__ import annotations
@@ -119,8 +119,16 @@ def check(params_file: Path, over: dict) -> dict:
     return config.validate(apply(config.read_yaml(params_file), over))
 
 
+def stage_of(cmdline: str) -> str | None:
+    """The stage a process runs, from its command line (`papermill notebooks/NN_<stage>.ipynb ...`)."""
+    if "papermill" not in cmdline:
+        return None
+    return next((s for s in STAGES if f"_{s}.ipynb" in cmdline), None)
+
+
 class StagePeaks(threading.Thread):
-    """Peak RSS of the process tree under `pid`, per stage (the papermill notebook running)."""
+    """Peak RSS per stage: the papermill process running the stage's notebook and its children (the
+    kernel), sampled every second; DVC's own process is left out."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
@@ -131,18 +139,15 @@ class StagePeaks(threading.Thread):
 
         while not self.stop.is_set():
             try:
-                procs = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
-                stage, rss = None, 0
-                for p in procs:
+                for p in psutil.Process(self.pid).children(recursive=True):
                     try:
-                        cmd = " ".join(p.cmdline())
-                        rss += p.memory_info().rss
+                        stage = stage_of(" ".join(p.cmdline()))
+                        if stage is None:
+                            continue
+                        tree = [p, *p.children(recursive=True)]
+                        rss = sum(q.memory_info().rss for q in tree)
                     except psutil.Error:
                         continue
-                    stage = stage or next(
-                        (s for s in STAGES if f"_{s}.ipynb" in cmd and "papermill" in cmd), None
-                    )
-                if stage:
                     self.peaks[stage] = max(self.peaks.get(stage, 0), rss)
             except psutil.Error:
                 pass
@@ -150,10 +155,18 @@ class StagePeaks(threading.Thread):
 
 
 def prepare_clone(where: Path) -> None:
-    """A clone of this repository's HEAD with the untracked inputs a run needs (data/, the fetched
-    pretrained files) copied in."""
-    if not (where / ".git").exists():
-        subprocess.run(["git", "clone", "-q", str(ROOT), str(where)], check=True)
+    """A new clone of this repository's HEAD with the untracked inputs a run needs (data/, the fetched
+    pretrained files) copied in. A folder that exists is refused: its outputs, DVC cache and run-cache
+    would be resumed or restored, and the record would time work that was not done."""
+    code = ["geneava", "notebooks", "dvc.yaml", "params.yaml", "benchmarks/rehearsal.py"]
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", *code], cwd=ROOT, capture_output=True, text=True
+    )
+    if dirty.stdout.strip():
+        raise SystemExit(f"uncommitted changes the clone would not have; commit them first:\n{dirty.stdout}")
+    if where.exists():
+        raise SystemExit(f"{where} exists: give a new --dir (a rehearsal times a run from scratch)")
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(where)], check=True)
     for sub in ("data", "models/pretrained"):  # the clone may hold a tracked README there: add, not replace
         if (ROOT / sub).exists():
             shutil.copytree(ROOT / sub, where / sub, dirs_exist_ok=True)
@@ -173,7 +186,12 @@ def run(fraction: float, where: Path) -> dict:
     name = f"rehearsal-{round(100 * fraction)}-{time.strftime('%Y%m%d-%H%M%S')}"
     cmd = [str(ROOT / ".venv/bin/dvc"), "exp", "run", "-n", name]
     cmd += [a for k, v in over.items() for a in ("-S", f"{k}={json.dumps(v)}")]
-    env = {**os.environ, "PYTHONPATH": str(where), "PATH": f"{ROOT / '.venv/bin'}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(where),  # the clone's code before the editable install's
+        "GENEAVA_ROOT": str(where),  # every path resolves in the clone, never in this workspace
+        "PATH": f"{ROOT / '.venv/bin'}:{os.environ['PATH']}",
+    }
     t0 = time.time()
     with open(where / f"{name}.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -182,11 +200,22 @@ def run(fraction: float, where: Path) -> dict:
         rc = proc.wait()
         peaks.stop.set()
     if rc != 0:
-        raise SystemExit(f"dvc exp run failed ({rc}); see {where / f'{name}.log'}")
-    return collect(where, fraction, over, peaks.peaks, time.time() - t0)
+        partial = {
+            "fraction": fraction,
+            "failed": rc,
+            "log": str(where / f"{name}.log"),
+            "peaks": peaks.peaks,
+        }
+        (where / f"{name}.partial.json").write_text(json.dumps(partial, indent=1))
+        raise SystemExit(f"dvc exp run failed ({rc}); see {where / f'{name}.log'} and {name}.partial.json")
+    return collect(where, fraction, over, peaks.peaks, time.time() - t0, t0)
 
 
-def collect(where: Path, fraction: float, over: dict, peaks: dict, wall: float) -> dict:
+def collect(where: Path, fraction: float, over: dict, peaks: dict, wall: float, since: float) -> dict:
+    """The run's record. Every stage's notebook must have been executed by this run (started after
+    `since`): a stage DVC skipped or restored would carry another run's time."""
+    from datetime import datetime
+
     out = where / "outputs"
 
     def read(name: str) -> dict:
@@ -195,8 +224,11 @@ def collect(where: Path, fraction: float, over: dict, peaks: dict, wall: float) 
     stages = {}
     for stage in STAGES:
         nb = next((out / stage).glob("[0-9][0-9]_*.ipynb"))
+        meta = json.loads(nb.read_text())["metadata"]["papermill"]
+        if datetime.fromisoformat(meta["start_time"]).timestamp() < since:
+            raise SystemExit(f"{nb} was not executed by this run (DVC skipped or restored {stage})")
         stages[stage] = {
-            "seconds": json.loads(nb.read_text())["metadata"]["papermill"]["duration"],
+            "seconds": meta["duration"],
             "peak_rss_gib": round(peaks[stage] / 2**30, 2) if stage in peaks else None,  # None: not run now
         }
     return {
@@ -254,9 +286,10 @@ def page(runs: list[dict]) -> str:
         "|---|" + "---|" * (len(runs) + (len(runs) > 1)),
     ]
     for stage in STAGES:
-        cells = [
-            f"{r['stages'][stage]['seconds']:.0f} ({r['stages'][stage]['peak_rss_gib']:.1f})" for r in runs
-        ]
+        cells = []
+        for r in runs:
+            peak = r["stages"][stage]["peak_rss_gib"]  # None: not sampled
+            cells.append(f"{r['stages'][stage]['seconds']:.0f} ({'-' if peak is None else f'{peak:.1f}'})")
         if len(runs) > 1:
             a, b = runs[0], runs[-1]
             ratio = b["stages"][stage]["seconds"] / max(a["stages"][stage]["seconds"], 1e-9)
@@ -265,11 +298,11 @@ def page(runs: list[dict]) -> str:
     lines += ["", "QC, refill and the memorization audit:", ""]
     for r in runs:
         g = r["counts"]["generate"]
-        searched = r["overrides"]["memorization.default.reference_limit"] or IDENTITIES
+        limit = r["overrides"]["memorization.default.reference_limit"]
         qc = ", ".join(f"{v} {g[v]['kept']:,} of {g[v]['rows']:,} kept" for v in ("finetuned", "baseline"))
         lines.append(
             f"- {round(100 * r['fraction'])}%: QC {qc}; refill {json.dumps(r['counts']['refill'])}; "
-            f"{searched:,} reference identities searched"
+            f"reference set: {r['counts']['memorization_reference']}, reference_limit {limit}"
         )
     return "\n".join(lines) + "\n"
 
@@ -277,13 +310,16 @@ def page(runs: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fraction", type=float, help="share of the paper's work: 0.1 or 1")
-    ap.add_argument("--dir", type=Path, default=Path("/tmp/geneava-rehearsal"), help="the clone to run in")
+    ap.add_argument("--dir", type=Path, help="a new folder for the clone (default: a new one in /tmp)")
     ap.add_argument("--page", action="store_true", help="write docs/rehearsal.md from benchmarks/rehearsal/")
     args = ap.parse_args(argv)
     from geneava.core.io import atomic_write_text, write_json
 
     if args.fraction is not None:
-        record = run(args.fraction, args.dir)
+        where = args.dir or Path(
+            f"/tmp/geneava-rehearsal-{round(100 * args.fraction)}-{time.strftime('%H%M%S')}"
+        )
+        record = run(args.fraction, where)
         write_json(RESULTS / f"{round(100 * args.fraction)}.json", record)
         print(json.dumps(record["stages"], indent=1))
     if args.page:

@@ -24,12 +24,14 @@ def rehearsal():
 
 @pytest.mark.parametrize("fraction", [0.1, 1.0])
 def test_overrides_are_valid_params_with_the_papers_counts(rehearsal, fraction, tmp_path):
-    for name in ("b_class", "a_class", "c_class", ".hidden"):
+    names = ["love", "adoration", "affection", "fondness", "liking", "attraction", "caring", "tenderness",
+             "compassion", "sentimentality", ".hidden"]  # fmt: skip
+    for name in names:
         (tmp_path / "emo135" / name).mkdir(parents=True)
-    (tmp_path / "emo135" / "file.txt").write_text("")
-    chosen = rehearsal.chosen_expressions(tmp_path, fraction)
-    assert chosen == (None if fraction == 1 else ["a_class"])  # prepare's first class folders, sorted
-    expressions = None if fraction == 1 else ["adoration", "affection"]
+    (tmp_path / "emo135" / "0_file.txt").write_text("")  # sorts first: not a class folder
+    expressions = rehearsal.chosen_expressions(tmp_path, fraction)
+    # prepare's `classes: N` keeps the first N class folders, sorted: the same ones
+    assert expressions == (None if fraction == 1 else ["adoration"])
     params = rehearsal.check(ROOT / "params.yaml", rehearsal.overrides(fraction, expressions))
     p, g = params["prepare"]["default"], params["generate"]["default"]
     assert (p["finetune_per_class"], p["eval_per_class"], params["finetune"]["default"]["epochs"]) == (
@@ -38,7 +40,8 @@ def test_overrides_are_valid_params_with_the_papers_counts(rehearsal, fraction, 
         8,
     )
     table = prompts.prompt_table(params["prompts"]["default"], g["expressions"], g["seed"])
-    assert g["limit"] is None and len(table) == (13_230 if fraction == 1 else 2 * 98)
+    assert g["limit"] is None and len(table) == (13_230 if fraction == 1 else 98)
+    assert p["classes"] == (None if fraction == 1 else 1)
     assert table.groupby("expression").size().eq(98).all()
     limit = params["memorization"]["default"]["reference_limit"]
     assert limit == (None if fraction == 1 else 1_018)
@@ -64,3 +67,27 @@ def test_reference_set_is_read_as_celeba(rehearsal, tmp_path, default):
 
     pixels = [Image.open(root / "img_align_celeba" / n).tobytes() for n in names]
     assert len(set(pixels)) == 5
+
+
+def test_stages_are_the_pipelines_and_found_by_their_notebooks(rehearsal):
+    """STAGES is dvc.yaml's stages but the frozen world; each stage's papermill command names its notebook
+    as `_<stage>.ipynb`, which is how the peak sampler and the record find it."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(rehearsal.STAGES) == set(stages) - {"world"}
+    for stage in rehearsal.STAGES:
+        cmd = (
+            " ".join(stages[stage]["cmd"]) if isinstance(stages[stage]["cmd"], list) else stages[stage]["cmd"]
+        )
+        assert rehearsal.stage_of(cmd) == stage
+    assert rehearsal.stage_of("python -m geneava.stages.generate") is None
+
+
+def test_page_shows_a_missing_peak_as_a_dash(rehearsal):
+    import json
+
+    record = json.loads((ROOT / "benchmarks/rehearsal/10.json").read_text())
+    record["stages"]["prepare"]["peak_rss_gib"] = None
+    text = rehearsal.page([record])
+    assert "| prepare | 26 (-) |" in text and "passed" in text
