@@ -109,3 +109,25 @@ def test_flops_are_split_by_the_dtype_they_run_in(sim):
         r = sim._measure([x], lambda: b(a(x).float()))
     per_linear = 2 * 64 * 256 * 256
     assert r["flops"] == 2 * per_linear and r["fp32"] == per_linear
+
+
+def test_gpu_hours_follow_from_the_flops_and_the_counts(sim):
+    """gpu_plan and the page's hours from made-up results: the arithmetic, not the simulation."""
+    r = {"weights": 0, "peak": 2**30, "fp32": 0}
+    results = {
+        ("train", a, ck): {**r, "flops": (2e12 if a else 1e12)} for a in (0.0, 1.0) for ck in (False, True)
+    }
+    results[("denoise",)] = {**r, "flops": 4e12}  # one CFG call for a batch of 4 images
+    results[("decode",)] = {**r, "flops": 1e12, "fp32": 1e12}
+    for key in list(results):
+        results[key + ("math",)] = results[key + ("fused",)] = results[key]
+    counts = {"px": 1024, "train_batch": 1, "gen_batch": 4, "steps": 50, "alpha": 1.0, "checkpointing": True,
+              "train_images": 1080, "epochs": 8, "rows": 13230}  # fmt: skip
+    plan = {work: (f16, f32) for work, f16, f32, _ in sim.gpu_plan(results, counts)}
+    assert plan["finetune (alpha 1)"] == (1080 * 8 * 2e12, 0)
+    assert plan["ablation finetune (alpha 0)"] == (1080 * 8 * 1e12, 0)
+    assert plan["generate: fine-tuned + baseline"] == (2 * 13230 * 50 * 1e12, 2 * 13230 * 1e12)
+    page = sim.page(results, counts, utilisation=0.5, overhead=1.0, seconds=1)
+    a6000_fp16, a6000_tf32 = sim.GPUS["RTX A6000 (48 GB)"]
+    hours = (1080 * 8 * 2e12 / a6000_fp16) / 0.5 / 3600
+    assert f"| finetune (alpha 1) | 1,080 images x 8 epochs | 17 (0%) | {hours:,.1f} |" in page
