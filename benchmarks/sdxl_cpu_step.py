@@ -12,7 +12,6 @@ Run: .venv/bin/python benchmarks/sdxl_cpu_step.py [resolution, default 256]   (n
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import time
@@ -22,12 +21,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _config(name: str) -> dict:
-    cfg = json.loads((ROOT / f"benchmarks/sdxl-base-1.0/{name}.json").read_text())
-    cfg.pop("_class_name")
-    return cfg
+from sdxl_simulated import config as _config  # noqa: E402  (the one reader of the published configs)
 
 
 def main(px: int = 256) -> None:
