@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks/rehearsal"
 IDENTITIES = 10_177  # CelebA's identities (the paper's reference set)
 PER_CLASS = 64  # stand-in images per class: 8 + 50, with room for the hard cases prepare drops
-STEPS = 8  # sampling steps (the default profile's 20 cost 2.5x the rendering time)
+STEPS = 4  # sampling steps (the default profile's 20 cost ~5x the rendering time; --steps to change)
 STAGES = ["prepare", "finetune", "generate", "evaluate", "memorization", "stylize", "ablation",
           "refill", "release", "userstudy"]  # fmt: skip
 
@@ -79,7 +79,7 @@ def chosen_expressions(data: Path, fraction: float) -> list[str] | None:
     return folders[: max(1, round(len(folders) * fraction))]
 
 
-def overrides(fraction: float, expressions: list[str] | None) -> dict:
+def overrides(fraction: float, expressions: list[str] | None, steps: int = STEPS) -> dict:
     """params.yaml keys (default profile) set for the rehearsal: the paper's counts."""
     return {
         "prepare.default.source": "rehearsal-data/emo135",
@@ -89,7 +89,7 @@ def overrides(fraction: float, expressions: list[str] | None) -> dict:
         "finetune.default.epochs": 8,
         "generate.default.limit": None,
         "generate.default.expressions": expressions,
-        "generate.default.steps": STEPS,
+        "generate.default.steps": steps,
         "memorization.default.reference": "rehearsal-data/celeba/img_align_celeba",
         "memorization.default.reference_identities": "rehearsal-data/celeba/identity_CelebA.txt",
         "memorization.default.reference_limit": round(IDENTITIES * fraction) if fraction < 1 else None,
@@ -172,7 +172,7 @@ def prepare_clone(where: Path) -> None:
             shutil.copytree(ROOT / sub, where / sub, dirs_exist_ok=True)
 
 
-def run(fraction: float, where: Path) -> dict:
+def run(fraction: float, where: Path, steps: int = STEPS) -> dict:
     from geneava.world import dataset
 
     prepare_clone(where)
@@ -181,7 +181,7 @@ def run(fraction: float, where: Path) -> dict:
         dataset.write_standin(data, per_class=PER_CLASS)
     write_reference(data / "celeba", IDENTITIES)
     expressions = chosen_expressions(data, fraction)
-    over = overrides(fraction, expressions)
+    over = overrides(fraction, expressions, steps)
     check(where / "params.yaml", over)  # a bad key or value fails here, not after an hour
     name = f"rehearsal-{round(100 * fraction)}-{time.strftime('%Y%m%d-%H%M%S')}"
     cmd = [str(ROOT / ".venv/bin/dvc"), "exp", "run", "-n", name]
@@ -251,6 +251,15 @@ def collect(where: Path, fraction: float, over: dict, peaks: dict, wall: float, 
     }
 
 
+def comparable(a: dict, b: dict) -> str | None:
+    """Why two runs' times cannot be compared (None: they can): growth means the same code and settings."""
+    if a["overrides"]["generate.default.steps"] != b["overrides"]["generate.default.steps"]:
+        return "- (the runs used different steps)"
+    if a["commit"] != b["commit"]:
+        return f"- (the runs are of different commits, {a['commit']} and {b['commit']})"
+    return None
+
+
 def page(runs: list[dict]) -> str:
     """docs/rehearsal.md from the recorded runs (smallest fraction first)."""
     runs = sorted(runs, key=lambda r: r["fraction"])
@@ -265,14 +274,17 @@ def page(runs: list[dict]) -> str:
         "record is in benchmarks/rehearsal/. Times are papermill's per stage; peak RSS is the stage's",
         "process tree, sampled every second.",
         "",
-        "| run | date | commit | CPUs | wall (s) | expressions | rows per variant | released | strict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | date | commit | CPUs | steps | wall (s) | expressions | rows per variant | released "
+        "| strict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         g, rel = r["counts"]["generate"], r["counts"]["release"]
         n_expr = len(r["overrides"]["generate.default.expressions"] or []) or 135
         strict = rel["balance"] == "strict" and rel["cells_off"] == 0 and rel["images"] == rel["cells"]
-        run_cells = [f"{round(100 * r['fraction'])}%", r["date"], r["commit"], r["cpus"], r["wall_seconds"]]
+        steps = r["overrides"]["generate.default.steps"]
+        run_cells = [f"{round(100 * r['fraction'])}%", r["date"], r["commit"], r["cpus"], steps]
+        run_cells.append(r["wall_seconds"])
         count_cells = [
             n_expr,
             f"{g['finetuned']['rows']:,}",
@@ -292,6 +304,10 @@ def page(runs: list[dict]) -> str:
             cells.append(f"{r['stages'][stage]['seconds']:.0f} ({'-' if peak is None else f'{peak:.1f}'})")
         if len(runs) > 1:
             a, b = runs[0], runs[-1]
+            if comparable(a, b) is not None:
+                cells.append(comparable(a, b))
+                lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+                continue
             ratio = b["stages"][stage]["seconds"] / max(a["stages"][stage]["seconds"], 1e-9)
             cells.append(f"x{ratio:.1f} for x{b['fraction'] / a['fraction']:.0f} the work")
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
@@ -310,6 +326,7 @@ def page(runs: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fraction", type=float, help="share of the paper's work: 0.1 or 1")
+    ap.add_argument("--steps", type=int, default=STEPS, help=f"sampling steps (default {STEPS})")
     ap.add_argument("--dir", type=Path, help="a new folder for the clone (default: a new one in /tmp)")
     ap.add_argument("--page", action="store_true", help="write docs/rehearsal.md from benchmarks/rehearsal/")
     args = ap.parse_args(argv)
@@ -319,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         where = args.dir or Path(
             f"/tmp/geneava-rehearsal-{round(100 * args.fraction)}-{time.strftime('%H%M%S')}"
         )
-        record = run(args.fraction, where)
+        record = run(args.fraction, where, args.steps)
         write_json(RESULTS / f"{round(100 * args.fraction)}.json", record)
         print(json.dumps(record["stages"], indent=1))
     if args.page:

@@ -90,4 +90,23 @@ def test_page_shows_a_missing_peak_as_a_dash(rehearsal):
     record = json.loads((ROOT / "benchmarks/rehearsal/10.json").read_text())
     record["stages"]["prepare"]["peak_rss_gib"] = None
     text = rehearsal.page([record])
-    assert "| prepare | 26 (-) |" in text and "passed" in text
+    seconds = record["stages"]["prepare"]["seconds"]
+    assert f"| prepare | {seconds:.0f} (-) |" in text and "passed" in text
+
+
+def test_growth_is_shown_only_between_runs_of_the_same_code_and_steps(rehearsal):
+    import copy
+    import json
+
+    small = json.loads((ROOT / "benchmarks/rehearsal/10.json").read_text())
+    small["stages"]["finetune"]["seconds"] = 50.0
+    big = copy.deepcopy(small)
+    big["fraction"], big["stages"]["finetune"]["seconds"] = 1.0, 700.0
+    assert "| finetune | 50 (" in rehearsal.page([big, small])
+    assert "x14.0 for x10 the work |" in rehearsal.page([big, small])
+    big["overrides"]["generate.default.steps"] += 1
+    assert "the runs used different steps" in rehearsal.page([small, big])
+    assert "x14.0" not in rehearsal.page([small, big])
+    big["overrides"]["generate.default.steps"] -= 1
+    big["commit"] = "0000000"
+    assert "different commits" in rehearsal.page([small, big])
