@@ -13,7 +13,8 @@ It runs as a DVC experiment (`dvc exp run -S key=value ...`, the overrides below
 repository, so the workspace's own outputs are left alone; the clone imports its own code (PYTHONPATH).
 Per stage it records the wall time (papermill's duration of the executed notebook) and the peak RSS of
 the stage's process tree (sampled every second); the run's counts come from the stages' metrics files.
-Each run writes benchmarks/rehearsal/<percent>.json; --page renders docs/rehearsal.md from all of them.
+Each run writes benchmarks/rehearsal/<percent>.json (a run that stops, <percent>-<steps>steps-failed.json:
+a finding too); --page renders docs/rehearsal.md from all of them.
 
 Run: .venv/bin/python benchmarks/rehearsal.py --fraction 0.1 [--dir NEW_FOLDER] [--page]
 """
@@ -35,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks/rehearsal"
 IDENTITIES = 10_177  # CelebA's identities (the paper's reference set)
 PER_CLASS = 64  # stand-in images per class: 8 + 50, with room for the hard cases prepare drops
-STEPS = 4  # sampling steps (the default profile's 20 cost ~5x the rendering time; --steps to change)
+# sampling steps (the default profile's 20 cost 2.5x the rendering time). At 4, prompts that the world's
+# model draws too close at every seed left the strict release short (rehearsal/10-4steps-failed.json)
+STEPS = 8
 STAGES = ["prepare", "finetune", "generate", "evaluate", "memorization", "stylize", "ablation",
           "refill", "release", "userstudy"]  # fmt: skip
 
@@ -200,37 +203,68 @@ def run(fraction: float, where: Path, steps: int = STEPS) -> dict:
         rc = proc.wait()
         peaks.stop.set()
     if rc != 0:
-        partial = {
-            "fraction": fraction,
-            "failed": rc,
-            "log": str(where / f"{name}.log"),
-            "peaks": peaks.peaks,
-        }
-        (where / f"{name}.partial.json").write_text(json.dumps(partial, indent=1))
-        raise SystemExit(f"dvc exp run failed ({rc}); see {where / f'{name}.log'} and {name}.partial.json")
+        from geneava.core.io import write_json
+
+        record = failure(where, fraction, over, peaks.peaks, time.time() - t0, t0, where / f"{name}.log")
+        write_json(RESULTS / f"{round(100 * fraction)}-{steps}steps-failed.json", record)
+        raise SystemExit(f"dvc exp run failed ({rc}) in {record['failed_stage']}: {record['error']}")
     return collect(where, fraction, over, peaks.peaks, time.time() - t0, t0)
 
 
-def collect(where: Path, fraction: float, over: dict, peaks: dict, wall: float, since: float) -> dict:
-    """The run's record. Every stage's notebook must have been executed by this run (started after
-    `since`): a stage DVC skipped or restored would carry another run's time."""
-    from datetime import datetime
+def failure(where: Path, fraction: float, over: dict, peaks: dict, wall: float, since: float, log: Path):
+    """The record of a run that stopped: a finding too. The stage that failed and its last error line
+    (DVC's log), the times of the stages this run executed, and the refill report if refill ran."""
+    import re
 
-    out = where / "outputs"
+    text = log.read_text(errors="replace")
+    stage = re.findall(r"failed to reproduce '(\w+)'", text)
+    errors = [line for line in text.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    done = {}
+    for s in STAGES:
+        nb = next((where / "outputs" / s).glob("[0-9][0-9]_*.ipynb"), None)
+        meta = json.loads(nb.read_text())["metadata"]["papermill"] if nb else {}
+        started = meta.get("start_time")
+        if started and _stamp(started) >= since and not meta.get("exception"):
+            peak = round(peaks[s] / 2**30, 2) if s in peaks else None
+            done[s] = {"seconds": meta["duration"], "peak_rss_gib": peak}
+    refill = where / "outputs" / "refill" / "report.json"
+    generated = where / "outputs" / "generate" / "metrics.json"
+    return {
+        **_run_facts(where, fraction, over, wall),
+        "failed_stage": stage[-1] if stage else None,
+        "error": errors[-1][:600] if errors else None,
+        "stages": done,
+        "refill": json.loads(refill.read_text()) if "refill" in done else None,
+        "generate": json.loads(generated.read_text()) if "generate" in done else None,
+        "qc_failures": qc_failures(where / "outputs") if "generate" in done else None,
+    }
 
-    def read(name: str) -> dict:
-        return json.loads((out / name).read_text())
 
-    stages = {}
-    for stage in STAGES:
-        nb = next((out / stage).glob("[0-9][0-9]_*.ipynb"))
-        meta = json.loads(nb.read_text())["metadata"]["papermill"]
-        if datetime.fromisoformat(meta["start_time"]).timestamp() < since:
-            raise SystemExit(f"{nb} was not executed by this run (DVC skipped or restored {stage})")
-        stages[stage] = {
-            "seconds": meta["duration"],
-            "peak_rss_gib": round(peaks[stage] / 2**30, 2) if stage in peaks else None,  # None: not run now
+def qc_failures(out: Path) -> dict:
+    """Where QC's first pass failed, per variant: rows that failed by race (each race holds 1/7 of the
+    rows) and the five expressions with most failures. Uneven shares are what refill has to make up."""
+    import pandas as pd
+
+    found = {}
+    for variant in ("finetuned", "baseline"):
+        m = pd.read_csv(out / "generate" / variant / "manifest.csv", keep_default_na=False)
+        failed = m[m["qc"] != "pass"]
+        found[variant] = {
+            "by_race": {k: int(v) for k, v in failed["race"].value_counts().sort_index().items()},
+            "top_expressions": {k: int(v) for k, v in failed["expression"].value_counts().head(5).items()},
         }
+    return found
+
+
+def _stamp(iso: str) -> float:
+    """papermill's start_time (UTC; older papermill wrote it without the offset)."""
+    from datetime import UTC, datetime
+
+    when = datetime.fromisoformat(iso)
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _run_facts(where: Path, fraction: float, over: dict, wall: float) -> dict:
     return {
         "fraction": fraction,
         "date": time.strftime("%Y-%m-%d"),
@@ -240,6 +274,29 @@ def collect(where: Path, fraction: float, over: dict, peaks: dict, wall: float, 
         "cpus": os.cpu_count(),
         "wall_seconds": round(wall),
         "overrides": over,
+    }
+
+
+def collect(where: Path, fraction: float, over: dict, peaks: dict, wall: float, since: float) -> dict:
+    """The run's record. Every stage's notebook must have been executed by this run (started after
+    `since`): a stage DVC skipped or restored would carry another run's time."""
+    out = where / "outputs"
+
+    def read(name: str) -> dict:
+        return json.loads((out / name).read_text())
+
+    stages = {}
+    for stage in STAGES:
+        nb = next((out / stage).glob("[0-9][0-9]_*.ipynb"))
+        meta = json.loads(nb.read_text())["metadata"]["papermill"]
+        if _stamp(meta["start_time"]) < since:
+            raise SystemExit(f"{nb} was not executed by this run (DVC skipped or restored {stage})")
+        stages[stage] = {
+            "seconds": meta["duration"],
+            "peak_rss_gib": round(peaks[stage] / 2**30, 2) if stage in peaks else None,  # None: not run now
+        }
+    return {
+        **_run_facts(where, fraction, over, wall),
         "stages": stages,
         "counts": {
             "prepare": read("prepare/metrics.json"),
@@ -248,7 +305,16 @@ def collect(where: Path, fraction: float, over: dict, peaks: dict, wall: float, 
             "release": read("release/metrics.json"),
             "memorization_reference": read("memorization/report.json")["reference"],
         },
+        "qc_failures": qc_failures(out),
     }
+
+
+def _grown(run: dict, base: dict | None, stage: str) -> str:
+    """` (xN the P% run's)`: a stage's time against the same stage of a comparable finished run."""
+    if base is None:
+        return ""
+    ratio = run["stages"][stage]["seconds"] / max(base["stages"][stage]["seconds"], 1e-9)
+    return f" (x{ratio:.1f} the {round(100 * base['fraction'])}% run's)"
 
 
 def comparable(a: dict, b: dict) -> str | None:
@@ -260,8 +326,8 @@ def comparable(a: dict, b: dict) -> str | None:
     return None
 
 
-def page(runs: list[dict]) -> str:
-    """docs/rehearsal.md from the recorded runs (smallest fraction first)."""
+def page(runs: list[dict], failed: list[dict] | None = None) -> str:
+    """docs/rehearsal.md from the recorded runs (smallest fraction first) and the runs that stopped."""
     runs = sorted(runs, key=lambda r: r["fraction"])
     head = " | ".join(f"{round(100 * r['fraction'])}%: s (peak RSS GiB)" for r in runs)
     lines = [
@@ -320,6 +386,38 @@ def page(runs: list[dict]) -> str:
             f"- {round(100 * r['fraction'])}%: QC {qc}; refill {json.dumps(r['counts']['refill'])}; "
             f"reference set: {r['counts']['memorization_reference']}, reference_limit {limit}"
         )
+        if r.get("qc_failures"):
+            lines.append(f"  QC's failures by race and top expressions: {json.dumps(r['qc_failures'])}")
+    for r in failed or []:
+        steps = r["overrides"]["generate.default.steps"]
+        # its finished stages beside a finished run of the same code and settings, where there is one
+        base = next((b for b in runs if comparable(b, r) is None and b["fraction"] != r["fraction"]), None)
+
+        times = ", ".join(
+            f"{s} {r['stages'][s]['seconds']:.0f} s{_grown(r, base, s)}" for s in STAGES if s in r["stages"]
+        )
+        lines += [
+            "",
+            f"## A run that stopped: {round(100 * r['fraction'])}% at {steps} steps "
+            f"({r['date']}, {r['commit']})",
+            "",
+            f"Stopped in **{r['failed_stage']}**: `{r['error']}`",
+            "",
+            f"Stages it finished: {times or 'none'}.",
+        ]
+        if r.get("generate"):
+            g = r["generate"]
+            lines.append(
+                "QC: "
+                + "; ".join(
+                    f"{v} {json.dumps(g[v]['qc'])} of {g[v]['rows']:,}" for v in ("finetuned", "baseline")
+                )
+                + "."
+            )
+        if r.get("qc_failures"):
+            lines.append(f"QC's failures by race and top expressions: {json.dumps(r['qc_failures'])}.")
+        if r.get("refill"):
+            lines.append(f"Refill: {json.dumps(r['refill'])}.")
     return "\n".join(lines) + "\n"
 
 
@@ -340,8 +438,9 @@ def main(argv: list[str] | None = None) -> None:
         write_json(RESULTS / f"{round(100 * args.fraction)}.json", record)
         print(json.dumps(record["stages"], indent=1))
     if args.page:
-        runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
-        atomic_write_text(ROOT / "docs/rehearsal.md", page(runs))
+        records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+        runs = [r for r in records if "failed_stage" not in r]
+        atomic_write_text(ROOT / "docs/rehearsal.md", page(runs, [r for r in records if r not in runs]))
 
 
 if __name__ == "__main__":

@@ -110,3 +110,64 @@ def test_growth_is_shown_only_between_runs_of_the_same_code_and_steps(rehearsal)
     big["overrides"]["generate.default.steps"] -= 1
     big["commit"] = "0000000"
     assert "different commits" in rehearsal.page([small, big])
+
+
+def test_a_run_that_stops_is_recorded_with_its_stage_and_error(rehearsal, tmp_path):
+    """A stopped rehearsal is a finding: the stage DVC names, the last error line, the stages this run
+    finished (not those of an earlier run, nor the one that raised), and the page shows it."""
+    import json
+    import time
+    from datetime import UTC, datetime
+
+    since = time.time()
+
+    def executed(stage: str, start: float, exception: bool = False) -> None:
+        folder = tmp_path / "outputs" / stage
+        folder.mkdir(parents=True)
+        stamp = datetime.fromtimestamp(start, UTC).isoformat()  # as papermill writes it
+        meta = {"start_time": stamp, "duration": 12.5, "exception": exception}
+        (folder / f"01_{stage}.ipynb").write_text(json.dumps({"metadata": {"papermill": meta}}))
+
+    executed("prepare", since + 5)
+    executed("finetune", since + 60, exception=True)
+    executed("generate", since - 3600)  # an earlier run's notebook
+    log = tmp_path / "run.log"
+    log.write_text(
+        "x\ngeneava.core.schema.ParamsError: lr must be > 0\nERROR: failed to reproduce 'finetune': failed\n"
+    )
+    over = rehearsal.overrides(0.1, ["awe"], 4)
+    record = rehearsal.failure(tmp_path, 0.1, over, {"prepare": 2**30}, 99.0, since, log)
+    assert (
+        record["failed_stage"] == "finetune"
+        and record["error"] == "geneava.core.schema.ParamsError: lr must be > 0"
+    )
+    assert (
+        record["stages"] == {"prepare": {"seconds": 12.5, "peak_rss_gib": 1.0}}
+        and record["refill"] is None
+        and record["qc_failures"] is None
+    )
+    done = json.loads((ROOT / "benchmarks/rehearsal/10.json").read_text())
+    text = rehearsal.page([done], [record])
+    assert "## A run that stopped: 10% at 4 steps" in text and "Stopped in **finetune**" in text
+    assert "Stages it finished: prepare 12 s." in text
+
+
+def test_qc_failures_are_counted_by_race_and_expression(rehearsal, tmp_path):
+    import pandas as pd
+
+    rows = {
+        "finetuned": [("rage", "Black", "face too close"), ("rage", "Black", "face too close"),
+                      ("joy", "White", "pass"), ("awe", "White", "no face")],
+        "baseline": [("rage", "Black", "pass"), ("joy", "White", "pass")],
+    }  # fmt: skip
+    for variant, rs in rows.items():
+        (tmp_path / "generate" / variant).mkdir(parents=True)
+        pd.DataFrame(rs, columns=["expression", "race", "qc"]).to_csv(
+            tmp_path / "generate" / variant / "manifest.csv", index=False
+        )
+    found = rehearsal.qc_failures(tmp_path)
+    assert found["finetuned"] == {
+        "by_race": {"Black": 2, "White": 1},
+        "top_expressions": {"rage": 2, "awe": 1},
+    }
+    assert found["baseline"] == {"by_race": {}, "top_expressions": {}}
