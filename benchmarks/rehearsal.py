@@ -232,11 +232,26 @@ def failure(where: Path, fraction: float, over: dict, peaks: dict, wall: float, 
     return {
         **_run_facts(where, fraction, over, wall),
         "failed_stage": stage[-1] if stage else None,
-        "error": errors[-1][:600] if errors else None,
+        "error": errors[-1].split(" (first:")[0][:400] if errors else None,
         "stages": done,
         "refill": json.loads(refill.read_text()) if "refill" in done else None,
         "generate": json.loads(generated.read_text()) if "generate" in done else None,
         "qc_failures": qc_failures(where / "outputs") if "generate" in done else None,
+        "given_up": given_up(where / "outputs") if "refill" in done else None,
+    }
+
+
+def given_up(out: Path) -> dict:
+    """The rows refill gave up on: why their last attempt failed, and their races."""
+    import pandas as pd
+
+    m = pd.read_csv(out / "refill" / "manifest.csv", keep_default_na=False)
+    gone = m[~m["accepted"].astype(str).isin(["True", "true", "1"])]
+    last = gone["failures"].str.split("; ").str[-1]
+    return {
+        "rows": len(gone),
+        "last_failure": {k: int(v) for k, v in last.value_counts().items()},
+        "by_race": {k: int(v) for k, v in gone["race"].value_counts().sort_index().items()},
     }
 
 
@@ -251,7 +266,7 @@ def qc_failures(out: Path) -> dict:
         failed = m[m["qc"] != "pass"]
         found[variant] = {
             "by_race": {k: int(v) for k, v in failed["race"].value_counts().sort_index().items()},
-            "top_expressions": {k: int(v) for k, v in failed["expression"].value_counts().head(5).items()},
+            "top_expressions": [[k, int(v)] for k, v in failed["expression"].value_counts().head(5).items()],
         }
     return found
 
@@ -309,6 +324,16 @@ def collect(where: Path, fraction: float, over: dict, peaks: dict, wall: float, 
     }
 
 
+def _no_path(reference: str) -> str:
+    """The memorization report's reference line without the run's own folder."""
+    return reference.split(" ", 1)[1] if reference.startswith("/") else reference
+
+
+def _peak(run: dict, stage: str) -> str:
+    peak = run["stages"][stage]["peak_rss_gib"]
+    return "" if peak is None else f", {peak:.1f} GiB"
+
+
 def _grown(run: dict, base: dict | None, stage: str) -> str:
     """` (xN the P% run's)`: a stage's time against the same stage of a comparable finished run."""
     if base is None:
@@ -337,8 +362,11 @@ def page(runs: list[dict], failed: list[dict] | None = None) -> str:
         "",
         "`benchmarks/rehearsal.py` runs the whole DAG as a DVC experiment with the paper's counts and",
         "the world's small models at 64 px (its docstring says what is and is not the paper's); each run's",
-        "record is in benchmarks/rehearsal/. Times are papermill's per stage; peak RSS is the stage's",
-        "process tree, sampled every second.",
+        "record is in [benchmarks/rehearsal/](../benchmarks/rehearsal/). Times are papermill's per stage;",
+        "peak RSS is the stage's process tree, sampled every second. A run that stopped is a finding too:",
+        "what it means for a paper-profile run, and what to do, is in [paper-profile.md](paper-profile.md).",
+        "Terms: the world ([world.md](world.md)); variants, QC and refill ([stages/generate.md]"
+        "(stages/generate.md)); cells, strict balance ([stages/release.md](stages/release.md)).",
         "",
         "| run | date | commit | CPUs | steps | wall (s) | expressions | rows per variant | released "
         "| strict |",
@@ -380,11 +408,10 @@ def page(runs: list[dict], failed: list[dict] | None = None) -> str:
     lines += ["", "QC, refill and the memorization audit:", ""]
     for r in runs:
         g = r["counts"]["generate"]
-        limit = r["overrides"]["memorization.default.reference_limit"]
         qc = ", ".join(f"{v} {g[v]['kept']:,} of {g[v]['rows']:,} kept" for v in ("finetuned", "baseline"))
         lines.append(
             f"- {round(100 * r['fraction'])}%: QC {qc}; refill {json.dumps(r['counts']['refill'])}; "
-            f"reference set: {r['counts']['memorization_reference']}, reference_limit {limit}"
+            f"reference set: {_no_path(r['counts']['memorization_reference'])}"
         )
         if r.get("qc_failures"):
             lines.append(f"  QC's failures by race and top expressions: {json.dumps(r['qc_failures'])}")
@@ -394,12 +421,14 @@ def page(runs: list[dict], failed: list[dict] | None = None) -> str:
         base = next((b for b in runs if comparable(b, r) is None and b["fraction"] != r["fraction"]), None)
 
         times = ", ".join(
-            f"{s} {r['stages'][s]['seconds']:.0f} s{_grown(r, base, s)}" for s in STAGES if s in r["stages"]
+            f"{s} {r['stages'][s]['seconds']:.0f} s{_peak(r, s)}{_grown(r, base, s)}"
+            for s in STAGES
+            if s in r["stages"]
         )
         lines += [
             "",
             f"## A run that stopped: {round(100 * r['fraction'])}% at {steps} steps "
-            f"({r['date']}, {r['commit']})",
+            f"({r['date']}, {r['commit']}, {r['cpus']} CPUs, {r['wall_seconds']} s until it stopped)",
             "",
             f"Stopped in **{r['failed_stage']}**: `{r['error']}`",
             "",
@@ -418,11 +447,17 @@ def page(runs: list[dict], failed: list[dict] | None = None) -> str:
             lines.append(f"QC's failures by race and top expressions: {json.dumps(r['qc_failures'])}.")
         if r.get("refill"):
             lines.append(f"Refill: {json.dumps(r['refill'])}.")
+        if r.get("given_up"):
+            lines.append(f"The rows refill gave up on: {json.dumps(r['given_up'])}.")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Run: .venv/bin/python benchmarks/rehearsal.py --fraction 0.1 (then --fraction 1, then "
+        "--page). How long the recorded runs took on which machine: docs/rehearsal.md.",
+    )
     ap.add_argument("--fraction", type=float, help="share of the paper's work: 0.1 or 1")
     ap.add_argument("--steps", type=int, default=STEPS, help=f"sampling steps (default {STEPS})")
     ap.add_argument("--dir", type=Path, help="a new folder for the clone (default: a new one in /tmp)")

@@ -145,11 +145,12 @@ def test_a_run_that_stops_is_recorded_with_its_stage_and_error(rehearsal, tmp_pa
         record["stages"] == {"prepare": {"seconds": 12.5, "peak_rss_gib": 1.0}}
         and record["refill"] is None
         and record["qc_failures"] is None
+        and record["given_up"] is None
     )
     done = json.loads((ROOT / "benchmarks/rehearsal/10.json").read_text())
     text = rehearsal.page([done], [record])
     assert "## A run that stopped: 10% at 4 steps" in text and "Stopped in **finetune**" in text
-    assert "Stages it finished: prepare 12 s." in text
+    assert "Stages it finished: prepare 12 s, 1.0 GiB." in text
 
 
 def test_qc_failures_are_counted_by_race_and_expression(rehearsal, tmp_path):
@@ -168,6 +169,6 @@ def test_qc_failures_are_counted_by_race_and_expression(rehearsal, tmp_path):
     found = rehearsal.qc_failures(tmp_path)
     assert found["finetuned"] == {
         "by_race": {"Black": 2, "White": 1},
-        "top_expressions": {"rage": 2, "awe": 1},
+        "top_expressions": [["rage", 2], ["awe", 1]],  # most failures first
     }
-    assert found["baseline"] == {"by_race": {}, "top_expressions": {}}
+    assert found["baseline"] == {"by_race": {}, "top_expressions": []}
