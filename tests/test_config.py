@@ -236,3 +236,27 @@ def test_params_yaml_means_the_same_in_yaml_1_1_and_1_2():
     """Every value of params.yaml reads alike under YAML 1.1 (PyYAML: the tests' own copies of the file)
     and 1.2 (DVC, geneava): switching the project's reader changed no parameter."""
     assert config.read_yaml(ROOT / "params.yaml") == yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_notebook_overrides_take_precedence_and_none_means_params_yaml(tmp_path):
+    """A notebook's `steps=4` wins over params.yaml for that run; None leaves params.yaml's value; the
+    overridden file is validated like params.yaml and removed once nothing is overridden."""
+    base = config.blocks("generate", profile="default")["generate"]
+    path = config.with_overrides({"generate.steps": 4, "generate.limit": None}, "default", None, tmp_path)
+    assert path == tmp_path / config.OVERRIDES_FILE and path.is_file()
+    got = config.blocks("generate", profile="default", path=path)["generate"]
+    assert got["steps"] == 4 and got["steps"] != base["steps"]
+    assert {k: v for k, v in got.items() if k != "steps"} == {k: v for k, v in base.items() if k != "steps"}
+    others = config.blocks("finetune", "prompts", profile="default", path=path)
+    assert others == config.blocks("finetune", "prompts", profile="default")
+
+    assert config.with_overrides({"generate.steps": None}, "default", None, tmp_path) is None
+    assert not path.exists()  # a stale override file would mislead whoever reads the folder
+
+
+def test_a_bad_or_unknown_override_is_named(tmp_path):
+    with pytest.raises(ParamsError, match=r"generate\.default\.steps"):
+        config.with_overrides({"generate.steps": -3}, "default", None, tmp_path)
+    with pytest.raises(ParamsError, match=r"generate\.default\.stepz: no such parameter"):
+        config.with_overrides({"generate.stepz": 3}, "default", None, tmp_path)
+    assert not (tmp_path / config.OVERRIDES_FILE).exists()

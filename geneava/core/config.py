@@ -185,6 +185,40 @@ def blocks(*stages: str, profile: str | None = None, path: Path | None = None) -
     return {s: dict(params[s][profile]) for s in stages}
 
 
+OVERRIDES_FILE = "params.overrides.yaml"
+
+
+def with_overrides(
+    values: dict[str, object], profile: str | None, params_file: Path | None, dest: Path
+) -> Path | None:
+    """The params file with `values` ({"<stage>.<key>": value}, for the active profile) set: how notebook
+    parameters and the ablation's alpha take precedence over params.yaml. A value None means "as in
+    params.yaml". With something to set, the file is validated (a bad value fails naming its key), written to
+    `dest`/params.overrides.yaml and its path returned, so every process of a stage (accelerate launch too)
+    and every resume key read the same values; with nothing to set, a stale file there is removed and None
+    returned (params.yaml alone)."""
+    import yaml
+
+    from geneava.core.io import atomic_write_text
+
+    dest = Path(dest) / OVERRIDES_FILE
+    values = {k: v for k, v in values.items() if v is not None}
+    if not values:
+        dest.unlink(missing_ok=True)
+        return None
+    raw = read_yaml(Path(params_file) if params_file else project_root() / PARAMS_FILE)
+    profile = profile or raw["profile"]
+    for dotted, value in values.items():
+        stage, _, key = dotted.partition(".")
+        if not key or key not in raw.get(stage, {}).get(profile, {}):
+            raise ParamsError(f"{stage}.{profile}.{key}: no such parameter in params.yaml to override")
+        raw[stage][profile][key] = value
+    validate(raw)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dest, yaml.safe_dump(raw, sort_keys=False))
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Validate params.yaml and print the active profile.")
     parser.add_argument("--params", type=Path, default=None)

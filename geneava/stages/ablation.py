@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from geneava.core import cli, config
 from geneava.core.io import atomic_write_text, write_json
@@ -40,12 +39,7 @@ def alpha_params(profile: str | None, params_file: Path | None, alpha: float, ou
     """The params file with finetune.<profile>.alpha set to the ablation's: the fine-tune then runs as the
     finetune stage runs (under `accelerate launch` when num_processes > 1: the same processes, shards and
     all-reduce, so the two LoRAs differ in alpha alone)."""
-    raw = config.read_yaml(Path(params_file or config.project_root() / config.PARAMS_FILE))
-    raw["finetune"][profile or raw["profile"]]["alpha"] = alpha
-    path = Path(out_dir) / "finetune" / "params.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, yaml.safe_dump(raw, sort_keys=False))
-    return path
+    return config.with_overrides({"finetune.alpha": alpha}, profile, params_file, Path(out_dir) / "finetune")
 
 
 def run(
