@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,11 +10,13 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from geneava.core import prompts
+from geneava.core.images import read_split
 from geneava.networks import models
-from geneava.stages import finetune
+from geneava.stages import finetune, validation
 
 from .conftest import ROOT
 
@@ -68,6 +71,22 @@ def test_only_lora_gets_gradients_and_alpha_changes_them(parts):
     assert any(not torch.allclose(g0[n], g1[n]) for n in g0)  # the expression term reaches the LoRA
 
 
+def test_cached_latents_draw_what_the_encode_draws(parts):
+    """cache_latents: the latent is drawn from the cached moments with the draw the encode would make."""
+    pipe, encoder, sched, pixels, embeds, pooled = parts
+    real = encoder.embed(pixels).detach()
+    with torch.no_grad():
+        moments = pipe.vae.encode(pixels).latent_dist.parameters
+    args = (pipe.unet, pipe.vae, encoder, sched)
+    rest = (embeds, pooled, real, 1.0, 64)
+    with torch.no_grad():
+        encoded = finetune.losses_for_batch(*args, pixels, *rest, torch.Generator().manual_seed(3))
+        cached = finetune.losses_for_batch(*args, None, *rest, torch.Generator().manual_seed(3), moments)
+        other = finetune.losses_for_batch(*args, None, *rest, torch.Generator().manual_seed(4), moments)
+    assert all(torch.equal(a, b) for a, b in zip(encoded, cached, strict=True))
+    assert not torch.equal(encoded[0], other[0])  # the draw matters: the test would see a wrong one
+
+
 def test_no_gradient_reaches_frozen_models(parts):
     pipe, encoder, *_ = parts
     _step(parts, 1.0)
@@ -95,6 +114,58 @@ def test_saved_lora_loads_into_a_fresh_stock_pipeline(parts, default, tmp_path):
     loaded = fresh(generator=torch.Generator().manual_seed(0), **kw).images
     assert (loaded == trained).all()
     assert not (plain == trained).all()
+
+
+def test_kohya_file_loads_through_stock_diffusers_and_renders_the_same_image(parts, default, tmp_path):
+    """The kohya-layout file (A1111/ComfyUI) is the same LoRA: stock `load_lora_weights` reads it back and
+    renders, on the same seed, the image diffusers' file renders; both differ from the base model's."""
+    from geneava.stages import lora_export
+
+    pipe = parts[0]
+    lora_file = finetune.save_lora(pipe.unet, tmp_path)
+    kohya = load_file(lora_export.save_kohya(lora_file))
+    assert kohya and all(k.startswith("lora_unet_") for k in kohya)
+    downs = [k for k in kohya if k.endswith(".lora_down.weight")]
+    assert len(downs) == len(load_file(lora_file)) // 2  # one down/up pair per adapted projection
+    assert all(kohya[k.replace(".lora_down.weight", ".alpha")].item() == 4 for k in downs)  # alpha = rank
+
+    kw = dict(prompt=["a face of rage"], num_inference_steps=2, height=64, width=64, output_type="np")
+
+    def render(weight_name):
+        fresh = models.sdxl_pipeline("tiny", seed=0, corpus=prompts.vocabulary(default["prompts"]))
+        if weight_name:
+            fresh.load_lora_weights(str(tmp_path), weight_name=weight_name)
+        return fresh(generator=torch.Generator().manual_seed(0), **kw).images
+
+    from_diffusers, from_kohya = render(finetune.LORA_FILE), render(lora_export.KOHYA_FILE)
+    assert abs(from_kohya - from_diffusers).max() < 1e-6
+    assert abs(render(None) - from_diffusers).max() > 1e-3
+
+
+def test_model_card_describes_the_trained_lora_and_is_reproducible(trained, default, tmp_path):
+    from geneava.core.io import sha256_file
+    from geneava.stages import lora_export
+
+    card = (trained / "lora" / lora_export.CARD_FILE).read_text()
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert f"base_model: {default['models']['sdxl']}" in card
+    assert default["prompts"]["template"] in card and "no trigger word" in card
+    assert f"sha256 `{metrics['lora_sha256']}`" in card
+    kohya_sha = sha256_file(trained / "lora" / lora_export.KOHYA_FILE)
+    assert f"`{lora_export.KOHYA_FILE}`: sha256 `{kohya_sha}`" in card
+    assert '"rank": 4' in card and f'"steps": {metrics["steps"]}' in card
+    assert str(trained) not in card and "/tmp" not in card
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(trained / "lora", copy)
+    again = lora_export.model_card(
+        default["models"],
+        default["prompts"],
+        dict(default["finetune"], max_train_steps=4),
+        metrics,
+        default["prepare"]["resolution"],
+        copy,
+    )
+    assert again == card  # no clock or machine path in it: the same run writes the same bytes anywhere
 
 
 def test_saves_lora_and_loss_log(trained):
@@ -140,7 +211,9 @@ def _cli(prepared, out, params_file):
 
 def test_killed_run_resumes_to_the_same_weights(prepared, tmp_path):
     """SIGKILL mid-run, resume, and the result equals an uninterrupted run bit for bit (CPU)."""
-    params_file = _params_file(tmp_path, epochs=6, checkpoint_every=4, batch_size=2)  # 36 steps
+    params_file = _params_file(
+        tmp_path, epochs=6, checkpoint_every=4, batch_size=2, validation_every=5, validation_steps=2
+    )  # 36 steps
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         _cli(prepared, killed, params_file),
@@ -163,6 +236,86 @@ def test_killed_run_resumes_to_the_same_weights(prepared, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     la, lb = (pd.read_csv(d / "loss.csv") for d in (killed, whole))
     assert la.equals(lb) and len(la) == 36
+    # the validation series survives the kill: the same snapshots, the same bytes
+    sa, sb = (validation.series(d) for d in (killed, whole))
+    assert [s for s, _ in sa] == [s for s, _ in sb] == [0, 5, 10, 15, 20, 25, 30, 35, 36]
+    assert all(pa.read_bytes() == pb.read_bytes() for (_, pa), (_, pb) in zip(sa, sb, strict=True))
+    # TensorBoard: the steps the killed run logged after its checkpoint are purged, none is lost or doubled
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea, eb = (EventAccumulator(str(d / validation.LOGS)).Reload().Scalars("loss") for d in (killed, whole))
+    assert [e.step for e in ea] == [e.step for e in eb] == list(range(1, 37))
+    assert [e.value for e in ea] == [e.value for e in eb]
+
+
+def test_changed_validation_settings_keep_the_checkpoints_and_restart_the_series(prepared, default, tmp_path):
+    """Validation settings never change the weights: a rerun with other expressions resumes training from
+    its checkpoint; the series restarts at that step, rendered with the new settings."""
+    res = default["prepare"]["resolution"]
+    base = dict(
+        default["finetune"], max_train_steps=4, checkpoint_every=2, validation_every=2, validation_steps=2
+    )
+    finetune.finetune(default["models"], default["prompts"], base, prepared, tmp_path, res)
+    assert [s for s, _ in validation.series(tmp_path)] == [0, 2, 4]
+    first = (tmp_path / "lora" / finetune.LORA_FILE).read_bytes()
+    other = dict(base, validation_expressions=["amazement", "rage"])
+    finetune.finetune(default["models"], default["prompts"], other, prepared, tmp_path, res)
+    assert [s for s, _ in validation.series(tmp_path)] == [2, 4]  # resumed at 2, not retrained from 0
+    assert Image.open(validation.series(tmp_path)[0][1]).size == (2 * res, res)
+    assert (tmp_path / "lora" / finetune.LORA_FILE).read_bytes() == first
+
+
+def test_validation_and_tensorboard_leave_the_training_untouched(prepared, default, tmp_path):
+    """Validation renders draw from their own generators: the LoRA is the same bytes with them on or off.
+    TensorBoard gets every step's three losses."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = default["prepare"]["resolution"]
+    for name, every in (("on", 2), ("off", None)):
+        p = dict(default["finetune"], max_train_steps=3, validation_every=every, validation_steps=2)
+        finetune.finetune(default["models"], default["prompts"], p, prepared, tmp_path / name, res)
+    on, off = (load_file(tmp_path / n / "lora" / finetune.LORA_FILE) for n in ("on", "off"))
+    assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
+    assert [s for s, _ in validation.series(tmp_path / "on")] == [0, 2, 3]
+    assert validation.series(tmp_path / "off") == []
+    strip = Image.open(validation.series(tmp_path / "on")[0][1])
+    assert strip.size == (res * len(default["finetune"]["validation_expressions"]), res)
+
+    events = EventAccumulator(str(tmp_path / "on" / validation.LOGS)).Reload()
+    for tag in ("loss", "loss_dm", "loss_exp"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3]
+    history = pd.read_csv(tmp_path / "on" / "loss.csv")
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(history["loss"].tolist())
+
+
+def test_cached_latents_train_the_same_lora(prepared, default, tmp_path, monkeypatch):
+    """One encode per image (batches of 16) instead of one per step (batches of 8): the same mathematics;
+    the bits may differ in the last place where the encoder's batch differs."""
+    res = default["prepare"]["resolution"]
+    loaded = {}
+    real_load = finetune.load_images
+
+    def counting(paths, *a, **k):
+        loaded[name] = loaded.get(name, 0) + len(paths)
+        return real_load(paths, *a, **k)
+
+    monkeypatch.setattr(finetune, "load_images", counting)
+    for name, cache in (("cached", True), ("encoded", False)):
+        p = dict(default["finetune"], max_train_steps=3, cache_latents=cache, validation_every=None)
+        finetune.finetune(default["models"], default["prompts"], p, prepared, tmp_path / name, res)
+    n, bs, seed = (
+        len(read_split(prepared, "finetune")),
+        default["finetune"]["batch_size"],
+        default["finetune"]["seed"],
+    )
+    batches = [b for e in range(3) for b in finetune.epoch_batches(n, bs, seed, e, 0, 1)][:3]
+    # both read every image once for E_exp(x0); the cached run once more for the moments and never per step,
+    # the other each step's batch
+    assert loaded["cached"] == 2 * n and loaded["encoded"] == n + sum(len(b) for b in batches)
+    a, b = (load_file(tmp_path / n / "lora" / finetune.LORA_FILE) for n in ("cached", "encoded"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
+    la, lb = (pd.read_csv(tmp_path / n / "loss.csv") for n in ("cached", "encoded"))
+    assert la["loss"].tolist() == pytest.approx(lb["loss"].tolist(), rel=1e-5)
 
 
 def test_checkpoints_of_other_settings_are_not_resumed(prepared, tmp_path, default):

@@ -36,13 +36,14 @@ def _reset_accelerate():
 
 
 def _finetune(default, prepared, out, **over) -> pd.DataFrame:
-    """The finetune stage in this process: the default profile with `over`."""
+    """The finetune stage in this process: the default profile with `over`, validation renders off (they
+    are no part of training; the hooks below watch training alone)."""
     _reset_accelerate()
     try:
         return finetune.finetune(
             default["models"],
             default["prompts"],
-            dict(default["finetune"], **over),
+            dict(default["finetune"], validation_every=None, **over),
             prepared,
             out,
             default["prepare"]["resolution"],

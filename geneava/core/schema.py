@@ -220,6 +220,10 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "checkpoints_total_limit": integer(1),
         "resume": boolean,
         "num_processes": integer(1),
+        "cache_latents": boolean,  # encode each image's latent distribution once (kohya's cache_latents)
+        "validation_every": integer(1, optional=True),  # steps between validation images; null: none
+        "validation_expressions": text_list(1),  # one validation image per expression
+        "validation_steps": integer(1),  # sampling steps of a validation image
     },
     "generate": {
         "seed": integer(0),

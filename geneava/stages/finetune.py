@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import StableDiffusionXLPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -33,6 +34,7 @@ from geneava.core.config import ParamsError
 from geneava.core.images import load_images, read_split
 from geneava.core.io import sha256_file, source_fingerprint, write_csv, write_json
 from geneava.networks import models
+from geneava.stages import lora_export, validation
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +103,19 @@ def losses_for_batch(
     alpha: float,
     resolution: int,
     g: torch.Generator,
+    moments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L, L_dm, L_exp) for one batch of images in [-1, 1]; all randomness drawn from `g`."""
-    device = pixels.device
+    """(L, L_dm, L_exp) for one batch of images in [-1, 1]; all randomness drawn from `g`. With `moments`
+    (the images' cached latent distributions, `cache_latents`), `pixels` may be None: the latent is drawn
+    from the cached mean and variance with the same draw from `g` the VAE encode would have made."""
+    device = prompt_embeds.device
     with torch.no_grad():
-        latents = vae.encode(pixels.float()).latent_dist.sample(generator=g)
+        dist = (
+            DiagonalGaussianDistribution(moments)
+            if moments is not None
+            else vae.encode(pixels.float()).latent_dist
+        )
+        latents = dist.sample(generator=g)
         latents = (latents * vae.config.scaling_factor).to(prompt_embeds.dtype)
     noise = torch.randn(latents.shape, generator=g, device=device, dtype=latents.dtype)
     t = torch.randint(
@@ -163,6 +173,8 @@ def finetune(
         cpu=not torch.cuda.is_available(),
         mixed_precision=params["mixed_precision"],
         gradient_accumulation_steps=params["gradient_accumulation_steps"],
+        log_with="tensorboard",  # offline event files in out_dir/logs (validation.Watch)
+        project_dir=str(out_dir),
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     alpha, seed = params["alpha"], params["seed"]
@@ -172,6 +184,7 @@ def finetune(
     rows, caption_of, prompt_embeds, pooled_embeds, real_embeds = training_data(
         pipe, encoder, prompt_params, prepare_dir, resolution, alpha, device
     )
+    moments = cached_moments(vae, list(rows["path"]), resolution, device) if params["cache_latents"] else None
     paths = list(rows["path"])
 
     lora_params = [p for p in unet.parameters() if p.requires_grad]
@@ -190,8 +203,9 @@ def finetune(
     total = params["max_train_steps"] or params["epochs"] * per_epoch
     # the weights behind the model paths too: a base retrained in place never resumes old checkpoints
     weights = [source_fingerprint(model_params[k]) for k in ("sdxl", "expression")]
+    trains = {k: v for k, v in params.items() if k not in validation.KEYS}  # what can change the weights
     run_id = checkpoints.fingerprint(
-        model_params, prompt_params, params, resolution, world, list(rows["sha256"]), weights
+        model_params, prompt_params, trains, resolution, world, list(rows["sha256"]), weights
     )
     ckpt_dir = out_dir / "checkpoints"
     step, micro, history = 0, 0, []
@@ -203,6 +217,7 @@ def finetune(
     elif ckpt_dir.exists() and accelerator.is_main_process:
         shutil.rmtree(ckpt_dir)  # checkpoints of other settings (or resume: false) would only mislead
 
+    watch = validation.Watch(accelerator, pipe, prompt_params, params, resolution, out_dir, step)
     bar = tqdm(
         total=total, initial=step, desc="finetune", unit="step", disable=not accelerator.is_main_process
     )
@@ -215,7 +230,10 @@ def finetune(
                 continue
             g = micro_generator(seed, seen, rank, device)
             idx = torch.tensor(batch)
-            pixels = load_images([paths[i] for i in batch], resolution).to(device)
+            cached = moments[idx].to(device) if moments is not None else None
+            pixels = (
+                None if cached is not None else load_images([paths[i] for i in batch], resolution).to(device)
+            )
             caption = caption_of[idx].to(device)
             with accelerator.accumulate(unet):
                 loss, loss_dm, loss_exp = losses_for_batch(
@@ -230,6 +248,7 @@ def finetune(
                     alpha,
                     resolution,
                     g,
+                    cached,
                 )
                 accelerator.backward(loss)
                 optimizer.step()
@@ -244,6 +263,7 @@ def finetune(
             history.append(
                 {"step": step, "epoch": epoch, "loss": losses[0], "loss_dm": losses[1], "loss_exp": losses[2]}
             )
+            watch.after_step(step, total, dict(zip(("loss", "loss_dm", "loss_exp"), losses, strict=True)))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[0]:.4f}")
             if params["checkpoint_every"] and step % params["checkpoint_every"] == 0 and step < total:
@@ -253,6 +273,7 @@ def finetune(
                     checkpoints.save(
                         ckpt_dir, unet, optimizer, accelerator, state, params["checkpoints_total_limit"]
                     )
+                    watch.flush()
             if step >= total:
                 break
         epoch += 1
@@ -261,7 +282,9 @@ def finetune(
     accelerator.wait_for_everyone()
     history = pd.DataFrame(history, columns=["step", "epoch", "loss", "loss_dm", "loss_exp"])
     if accelerator.is_main_process:
-        write_outputs(accelerator.unwrap_model(unet), history, step, len(paths), world, out_dir)
+        about = {"model_params": model_params, "prompt_params": prompt_params, "params": params}
+        unet_ = accelerator.unwrap_model(unet)
+        write_outputs(unet_, history, step, len(paths), world, out_dir, about, resolution)
     accelerator.end_training()
     return history
 
@@ -311,24 +334,39 @@ def training_data(
     return rows, caption_of, prompt_embeds, pooled_embeds, real_embeds
 
 
-def write_outputs(unet, history: pd.DataFrame, step: int, images: int, world: int, out_dir: Path) -> None:
-    """lora/ (diffusers' layout), loss.csv and metrics.json."""
+def cached_moments(vae, paths: list[str], resolution: int, device, batch: int = 16) -> torch.Tensor:
+    """kohya's `cache_latents`: each training image's latent distribution (mean and log-variance, as the
+    VAE encoder returns them) computed once, kept on the CPU, instead of one VAE encode per step."""
+    with torch.no_grad():
+        chunks = [paths[i : i + batch] for i in range(0, len(paths), batch)]
+        return torch.cat(
+            [
+                vae.encode(load_images(c, resolution).to(device).float()).latent_dist.parameters.cpu()
+                for c in chunks
+            ]
+        )
+
+
+def write_outputs(
+    unet, history: pd.DataFrame, step: int, images: int, world: int, out_dir: Path, about: dict, resolution
+) -> None:
+    """lora/ (diffusers' file, the same LoRA in kohya's layout, a model card), loss.csv and metrics.json.
+    `about`: the model, prompt and finetune parameter blocks the card describes."""
     lora_file = save_lora(unet, out_dir / "lora")
     write_csv(out_dir / "loss.csv", history)
     last = history[history["epoch"] == history["epoch"].max()]
-    write_json(
-        out_dir / "metrics.json",
-        {
-            "steps": int(step),
-            "images": images,
-            "processes": world,
-            "final_loss": float(history["loss"].iloc[-1]),
-            "mean_loss_last_epoch": float(last["loss"].mean()),
-            "mean_loss_dm_last_epoch": float(last["loss_dm"].mean()),
-            "mean_loss_exp_last_epoch": float(last["loss_exp"].mean()),
-            "lora_sha256": sha256_file(lora_file),
-        },
-    )
+    metrics = {
+        "steps": int(step),
+        "images": images,
+        "processes": world,
+        "final_loss": float(history["loss"].iloc[-1]),
+        "mean_loss_last_epoch": float(last["loss"].mean()),
+        "mean_loss_dm_last_epoch": float(last["loss_dm"].mean()),
+        "mean_loss_exp_last_epoch": float(last["loss_exp"].mean()),
+        "lora_sha256": sha256_file(lora_file),
+    }
+    lora_export.write(**about, metrics=metrics, resolution=resolution, lora_file=lora_file)
+    write_json(out_dir / "metrics.json", metrics)
 
 
 # ------------------------------------------------------------------ entry points
