@@ -26,8 +26,7 @@ repro: setup
 	$(BIN)/python -m geneava.world.dataset --ensure data
 	$(BIN)/python -m geneava.core.config > /dev/null
 	$(BIN)/dvc repro
-	$(BIN)/dvc metrics show
-	@cat outputs/evaluate/table1.md
+	@$(BIN)/python -m geneava.tools.results --headline
 
 test: setup lint
 	$(BIN)/python -m pytest

@@ -387,3 +387,38 @@ def test_outputs_are_readable_by_other_users(clone):
         if not p.is_symlink() and p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~mask
     ]
     assert not private, private[:10]
+
+
+def test_the_explore_notebook_runs_with_its_defaults(clone, tmp_path):
+    """notebooks/explore.ipynb (not a stage) under papermill in the finished clone: the widgets are built,
+    the side-by-side and the new faces and avatars are drawn, and nothing is written into outputs/."""
+    before = {p: p.stat().st_mtime_ns for p in (clone / "outputs").rglob("*") if p.is_file()}
+    pairs = pd.read_json(clone / "outputs/release/GenEAva-1.0/train/metadata.jsonl", lines=True)
+    first = pairs.sort_values(["expression", "race", "gender", "age"]).iloc[0]
+    cell = [a for c in ("expression", "race", "gender", "age") for a in ("-p", c, str(first[c]))]
+    _run([BIN / "papermill", "notebooks/explore.ipynb", str(tmp_path / "explore.ipynb"), "-k", "geneava",
+          "--cwd", "notebooks", *cell, "-p", "n", "2"], clone)  # fmt: skip
+    cells = json.loads((tmp_path / "explore.ipynb").read_text())["cells"]
+    outputs = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    kinds = [k for o in outputs for k in o.get("data", {})]
+    assert "application/vnd.jupyter.widget-view+json" in kinds  # the browser
+    for call in ("side_by_side(", "drawn_grid("):  # each figure drawn in its own cell
+        cell = next(c for c in cells if call in "".join(c["source"]))
+        assert any("image/png" in o.get("data", {}) for o in cell["outputs"]), call
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    after = {p: p.stat().st_mtime_ns for p in (clone / "outputs").rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_notebook_parameters_override_params_yaml_for_that_run(clone, tmp_path):
+    """`-p steps 2 -p limit 3` on the generate notebook: those values, the rest from params.yaml."""
+    out = tmp_path / "generate"
+    _run([BIN / "papermill", "notebooks/03_generate.ipynb", str(tmp_path / "03.ipynb"), "-k", "geneava",
+          "--cwd", "notebooks", "-p", "out_dir", str(out), "-p", "lora_dir", "outputs/finetune/lora",
+          "-p", "steps", "2", "-p", "limit", "3"], clone)  # fmt: skip
+    params = yaml.safe_load((clone / "params.yaml").read_text())["generate"]["default"]
+    for variant in ("finetuned", "baseline"):
+        m = pd.read_csv(out / variant / "manifest.csv", keep_default_na=False)
+        assert len(m) == 3 and (m["steps"] == 2).all()
+        assert (m["guidance_scale"] == params["guidance_scale"]).all() and params["steps"] != 2
+    assert yaml.safe_load((out / "params.overrides.yaml").read_text())["generate"]["default"]["steps"] == 2

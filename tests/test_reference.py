@@ -230,3 +230,34 @@ def test_the_results_page_shows_each_number_from_its_metrics_file(tmp_path):
         assert named, f"{pattern}: no such number in the metrics"
         assert named <= moved, f"on the page, but the page does not follow: {sorted(named - moved)}"
     assert results.render(tmp_path) == before
+
+
+def test_the_headline_block_reads_this_runs_metrics_and_names_only_figures_that_exist(
+    tmp_path, monkeypatch, capsys
+):
+    """`make repro` ends with this block: this run's numbers (outputs/), not the reference run's."""
+    import shutil
+
+    from geneava.tools import results
+
+    shutil.copytree(ROOT / "reference/metrics/outputs", tmp_path / "outputs")
+    ev = json.loads((tmp_path / "outputs/evaluate/metrics.json").read_text())
+    ev["per_class_pairs"]["difference"]["exp"] = {"mean": -0.123456, "lo": -0.2, "hi": -0.05}
+    (tmp_path / "outputs/evaluate/metrics.json").write_text(json.dumps(ev))
+    rel = json.loads((tmp_path / "outputs/release/metrics.json").read_text())
+    ab = json.loads((tmp_path / "outputs/ablation/metrics.json").read_text())
+    ab["vs_finetuned"]["exp"] = {"mean": 0.3, "lo": 0.1, "hi": 0.5}
+    (tmp_path / "outputs/ablation/metrics.json").write_text(json.dumps(ab))
+    (tmp_path / "outputs/stylize/pairs.png").write_bytes(b"png")
+    text = results.headline(tmp_path)
+    assert "| Exp ↓ |" in text and "-0.1235 [-0.2000, -0.0500] |" in text
+    assert f"Release: {rel['images']} pairs in {rel['cells']} cells" in text
+    assert "Exp +0.3000 [+0.1000, +0.5000]" in text  # the ablation's, as set above
+    assert "outputs/stylize/pairs.png" in text and "outputs/finetune/loss.png" not in text
+    assert len(text.splitlines()) < 30  # a terminal's worth, not `dvc metrics show`'s 300 columns
+
+    monkeypatch.setattr(results.config, "project_root", lambda: tmp_path)
+    assert results.main(["--headline"]) == 0 and capsys.readouterr().out.strip() == text
+    (tmp_path / "outputs/release/metrics.json").unlink()
+    assert results.main(["--headline"]) == 2
+    assert "release/metrics.json not found: the release stage writes it" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     python -m geneava.tools.results            # rewrite docs/results.md (and README's results block) from
                                          # reference/metrics/ and models/world/report.json
     python -m geneava.tools.results --check    # exit 1 when either is not what the metrics give
+    python -m geneava.tools.results --headline # this run's headline results (outputs/), as `make repro` ends
 
 Every number on the page is read from a metrics file (`reference/metrics/outputs/<stage>/metrics.json`,
 `models/world/report.json`, `reference/metrics/machine.json`); prose elsewhere points here or to the
@@ -34,10 +35,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _load(root: Path, stage: str, name: str = "metrics.json") -> dict:
-    path = root / REFERENCE / "outputs" / stage / name
+def _load(root: Path, stage: str, name: str = "metrics.json", run: Path = REFERENCE) -> dict:
+    """A stage's metrics file of the reference run (run=REFERENCE) or of this workspace's run (run=".")."""
+    path = root / run / "outputs" / stage / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: `python -m geneava.tools.reference update` writes it")
+        what = "`python -m geneava.tools.reference update`" if run == REFERENCE else f"the {stage} stage"
+        raise FileNotFoundError(f"{path} not found: {what} writes it")
     return json.loads(path.read_text())
 
 
@@ -233,11 +236,60 @@ def render(root: Path) -> str:
     return "\n".join(out)
 
 
+FIGURES = [
+    ("loss curves", "outputs/finetune/loss.png"),
+    ("base model vs LoRA, same seeds", "outputs/finetune/before_after.png"),
+    ("fine-tuned renders", "outputs/generate/grid.png"),
+    ("Exp difference per expression", "outputs/evaluate/per_class.png"),
+    ("ablation side by side", "outputs/ablation/side_by_side.png"),
+    ("faces and avatars", "outputs/stylize/pairs.png"),
+    ("the release (Figure 2)", "outputs/release/figure2.png"),
+]
+
+
+def headline(root: Path) -> str:
+    """A short block of the run's headline results for a terminal (what `make repro` ends with): Table 1
+    with CIs, recognition, the ablation, QC, refill and release counts, and where the figures are."""
+    run = Path(".")
+    ev, ab = _load(root, "evaluate", run=run), _load(root, "ablation", run=run)
+    gen, rel = _load(root, "generate", run=run), _load(root, "release", run=run)
+    ref = _load(root, "refill", "report.json", run=run)
+    exp, rec = ab["vs_finetuned"]["exp"], ab["recognition"]["vs_finetuned"]
+    qc = "; ".join(f"{v} {gen[v]['kept']} of {gen[v]['rows']} kept" for v in ("finetuned", "baseline"))
+    figures = [f"  {what}: {path}" for what, path in FIGURES if (root / path).is_file()]
+    return "\n".join(
+        [
+            f"== Headline results ({ev['classes']} expressions, {ev['level']:.0%} paired bootstrap CIs) ==",
+            "",
+            *_table1(ev),
+            "",
+            f"Ablation (alpha {ab['finetune_alpha']} - alpha {ab['alpha']}): Exp {_ci(exp, sign=True)}, "
+            f"recognition {_ci(rec, 1, 100, sign=True)} points",
+            f"QC: {qc}. Refill: {ref['refilled']} of {ref['rows_excluded']} excluded rows refilled, "
+            f"{ref['given_up']} given up. Release: {rel['images']} pairs in {rel['cells']} cells "
+            f"({rel['balance']}, {rel['cells_off']} off).",
+            "",
+            "Figures:",
+            *(figures or ["  (none found under outputs/)"]),
+            "Everything else: outputs/evaluate/table1.md, `dvc metrics show --md`, `dvc plots show`,",
+            "`make compare` (this run against the reference run); README, 'After make repro'.",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write docs/results.md from the reference run's metrics.")
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/results.md is out of date")
+    parser.add_argument("--headline", action="store_true", help="print this run's headline results")
     args = parser.parse_args(argv)
     root = config.project_root()
+    if args.headline:
+        try:
+            print(headline(root))
+        except (FileNotFoundError, KeyError) as e:
+            print(f"error: no headline results: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         text = render(root)
         readme = with_block((root / "README.md").read_text(), readme_block(root))
