@@ -10,10 +10,18 @@ export PATH := $(BIN):$(PATH)
 
 .PHONY: setup repro test lab lint compare
 
+# The lock (requirements.txt) is installed with uv, fetched by pip (faster: benchmarks/README.md, "Setup");
+# pip installs it when uv cannot be had or fails, or with INSTALLER=pip. uv reads UV_INDEX_URL and
+# UV_FIND_LINKS, not pip's configuration: behind an index only pip knows, uv fails and pip takes over.
+INSTALLER ?= uv
+UV_VERSION := 0.13.8
+
 $(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "geneava needs Python 3.11 (set PYTHON=...)"'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -r requirements.txt
+	@if [ "$(INSTALLER)" = uv ] && $(BIN)/python -m pip install -q uv==$(UV_VERSION) \
+	    && $(BIN)/uv pip install --python $(BIN)/python -r requirements.txt; then echo "installed the lock with uv"; \
+	else echo "installing the lock with pip"; $(BIN)/python -m pip install -r requirements.txt; fi
 	$(BIN)/python -m pip install --no-deps -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name geneava --display-name "Python 3 (geneava)"
 	touch $(STAMP)
