@@ -109,6 +109,28 @@ def test_rows_that_never_pass_are_given_up_after_max_attempts(default, outputs, 
     assert report["given_up"] == 3 and report["attempts_rendered"] == 6
 
 
+def test_raising_max_attempts_continues_the_rows_given_up(default, outputs, tmp_path, monkeypatch):
+    """max_attempts is not in the rows' key: raising it renders only the new attempts of the rows given up,
+    and lowering it back gives the first run's manifest."""
+    real, rendered = stylize.preservation, []
+    monkeypatch.setattr(stylize, "preservation", lambda *a, **k: real(*a, **k).assign(identity_kept=False))
+    real_render = generate.render
+    monkeypatch.setattr(
+        generate, "render", lambda pipe, rows, *a: rendered.append(len(rows)) or real_render(pipe, rows, *a)
+    )
+    first = _run(default, outputs, tmp_path / "refill", max_attempts=2)
+    assert sum(rendered) == 6 and (first["candidates"] == 2).all()
+    rendered.clear()
+    more = _run(default, outputs, tmp_path / "refill", max_attempts=3)
+    assert sum(rendered) == 3  # the third attempt of each row, nothing made again
+    assert (more["candidates"] == 3).all() and not more["accepted"].any()
+    assert (more["attempt"] == first["attempt"] + 1).all()
+    rendered.clear()
+    back = _run(default, outputs, tmp_path / "refill", max_attempts=2)
+    assert sum(rendered) == 3  # the second attempts made again as the last ones
+    pd.testing.assert_frame_equal(back, first)
+
+
 def test_nothing_to_refill_still_writes_every_record_column(default, outputs, tmp_path):
     """Every row passed and no removal list names one (the default run at test size): the manifest is
     empty but has the record columns the notebook shows and the release reads."""

@@ -115,6 +115,50 @@ def test_a_kill_between_an_items_file_and_its_record_is_made_again(tmp_path):
     assert not list(killed.glob(".*.tmp"))
 
 
+def _records(folder: Path) -> dict:
+    return {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+MORE_FAILS = {"r1": 2, "r3": 1, "r4": 5, "r6": 3}  # r4 never passes in 5 rounds
+
+
+@pytest.mark.parametrize("before, after", [(2, 4), (1, 6), (4, 2), (6, 1), (3, 3)])
+def test_a_changed_maximum_of_tries_gives_what_that_maximum_gives_from_the_start(tmp_path, before, after):
+    """The maximum is not in the keys: raising it continues the items that gave up (only the new tries
+    are made), lowering it ends items at the new last try (only that round is made again)."""
+    fresh, changed = tmp_path / "fresh", tmp_path / "changed"
+    fresh.mkdir(), changed.mkdir()
+    direct = Renderer(MORE_FAILS)
+    _run(fresh, direct, rounds=after)
+    _run(changed, Renderer(MORE_FAILS), rounds=before)
+    again = Renderer(MORE_FAILS)
+    _run(changed, again, rounds=after)
+    assert _outputs(changed) == _outputs(fresh)
+    assert _records(changed) == _records(fresh)
+    if after > before:
+        assert again.batches == [b for b in direct.batches if b[0][1] >= before]
+    elif after < before:  # the last round's batches that held an item which had gone on
+        last = [b for b in direct.batches if b[0][1] == after - 1]
+        assert again.batches == [b for b in last if any(MORE_FAILS.get(i, 0) > after - 1 for i, _ in b)]
+        assert again.batches
+    else:
+        assert again.batches == []
+
+
+@pytest.mark.parametrize("kill_after", [2, 3, 4])
+def test_a_run_killed_under_a_larger_maximum_ends_at_a_lower_one(tmp_path, kill_after):
+    """Killed mid-way with a larger maximum (records of tries that were not final), then run with a
+    lower one: the records and files of a run with the lower maximum from the start."""
+    fresh, killed = tmp_path / "fresh", tmp_path / "killed"
+    fresh.mkdir(), killed.mkdir()
+    _run(fresh, Renderer(MORE_FAILS), rounds=2)
+    with pytest.raises(Killed):
+        _run(killed, Renderer(MORE_FAILS, kill_after=kill_after), rounds=5)
+    _run(killed, Renderer(MORE_FAILS), rounds=2)
+    assert _outputs(killed) == _outputs(fresh)
+    assert _records(killed) == _records(fresh)
+
+
 def test_records_of_other_settings_or_inputs_are_never_reused(tmp_path):
     _run(tmp_path, Renderer({}))
     renderer = Renderer({})
@@ -226,10 +270,10 @@ def _perturb(block: str, key: str, value):
     raise TypeError(f"no perturbation for {block}.{key} = {value!r}")
 
 
-def _check_every_key(blocks: dict, keys_of, ignored: dict) -> None:
+def _check_every_key(blocks: dict, keys_of, ignored: dict, tries: tuple[str, str]) -> None:
     """Changing any value changes some item's first-try key, or the value is listed in `ignored` with a
     reason: a row selector ("selects ...") must change which items there are (and so batches), anything
-    else listed must leave every key unchanged."""
+    else listed must leave every key unchanged; so must the maximum number of tries (`tries`)."""
     base = keys_of(blocks)
     assert len(set(base.values())) > 1 or len(base) == 1
     for block, values in blocks.items():
@@ -237,7 +281,9 @@ def _check_every_key(blocks: dict, keys_of, ignored: dict) -> None:
             changed = {**blocks, block: {**values, key: _perturb(block, key, value)}}
             moved = keys_of(changed) != base
             why = ignored.get(block, {}).get(key)
-            if why is None:
+            if (block, key) == tries:
+                assert not moved, f"{block}.{key} is the maximum of tries, but moves the keys"
+            elif why is None:
                 assert moved, (
                     f"{block}.{key} changes no item's key: a changed value would leave stale outputs"
                 )
@@ -257,7 +303,7 @@ def test_every_generate_parameter_reaches_the_row_keys(default, tmp_path):
         return resume.first_round_keys(items, key, params["batch_size"])
 
     blocks = {k: dict(default[k]) for k in ("models", "prompts", "generate")}
-    _check_every_key(blocks, keys_of, generate.IGNORED)
+    _check_every_key(blocks, keys_of, generate.IGNORED, generate.TRIES)
 
 
 def test_every_stylize_parameter_reaches_the_avatar_keys(default, tmp_path):
@@ -272,7 +318,7 @@ def test_every_stylize_parameter_reaches_the_avatar_keys(default, tmp_path):
         return resume.first_round_keys(items, key, b["stylize"]["batch_size"], independent)
 
     blocks = {k: dict(default[k]) for k in ("models", "prompts", "stylize")}
-    _check_every_key(blocks, keys_of, stylize.IGNORED)
+    _check_every_key(blocks, keys_of, stylize.IGNORED, None)
 
 
 def test_every_refill_parameter_reaches_the_row_keys(default):
@@ -291,7 +337,7 @@ def test_every_refill_parameter_reaches_the_row_keys(default):
         return {"all rows": refill.settings_key(p, "lora", "derived", 0.5, 1.0, sets)}
 
     blocks = {k: dict(default[k]) for k in names}
-    _check_every_key(blocks, keys_of, refill.IGNORED)
+    _check_every_key(blocks, keys_of, refill.IGNORED, refill.TRIES)
     p = {names[k]: v for k, v in blocks.items()}
     # the audit's rule, thresholds and compared images are part of the key too
     base = refill.settings_key(p, "lora", "derived", 0.5, 1.0, sets)

@@ -16,6 +16,10 @@ Work runs in rounds: round k holds try k of every item whose try k-1 failed (rou
 into batches in item order. The plan is rebuilt from the records at each round, so a resumed run makes
 exactly the batches an uninterrupted run makes, and its outputs are bit-identical (same machine, same
 threads). Batches are dealt round-robin to `accelerate` processes, with a barrier between rounds.
+
+The maximum number of tries is not in any key (a stage names its parameter in `settings(tries=...)`): try
+k is the same whatever the maximum, so raising it continues the items that gave up where they stopped,
+and lowering it ends items at the new last try, as a run with that maximum from the start would.
 """
 
 from __future__ import annotations
@@ -48,13 +52,19 @@ def _names_local_path(value: Any) -> bool:
         return False
 
 
-def settings(blocks: dict[str, dict], ignore: dict[str, dict[str, str]] | None = None) -> dict:
+def settings(
+    blocks: dict[str, dict],
+    ignore: dict[str, dict[str, str]] | None = None,
+    tries: tuple[str, str] | None = None,
+) -> dict:
     """Every value of the parameter `blocks` ({"generate": {...}, "models": {...}}) except those `ignore`
-    lists (block -> key -> why it cannot change an item), with `<block>.<key>#content`: the content
-    fingerprint of each value that names a local file or folder (relative to the project root)."""
+    lists (block -> key -> why it cannot change an item) and the (block, key) `tries` names: the maximum
+    number of tries, which `run_rounds` handles itself (see the module docstring). With
+    `<block>.<key>#content`: the content fingerprint of each value that names a local file or folder
+    (relative to the project root)."""
     out: dict[str, Any] = {}
     for name, block in sorted(blocks.items()):
-        skip = (ignore or {}).get(name, {})
+        skip = {**(ignore or {}).get(name, {}), **({tries[1]: "tries"} if tries and tries[0] == name else {})}
         for key, value in sorted(block.items()):
             if key in skip:
                 continue
@@ -124,18 +134,25 @@ def run_rounds(
     """Make every item (see the module docstring); returns each item's record by id.
 
     `process(batch)` renders and checks one batch of (item, try) pairs and returns an Outcome per pair.
-    An item is finished by a passing try or by its last try (`rounds` tries at most); its record then has
-    `done: true` and the fields its Outcome's `finish(final=True)` returned. `independent=True` says an
-    output does not depend on its batch-mates (a per-image filter): a try is then keyed by its item alone,
-    and only the items that need it are batched, so one changed face does not redo its neighbours."""
+    An item is finished by a passing try or by its last try (`rounds` tries at most; records of another
+    maximum are continued or ended, see the module docstring); its record then has `done: true` and the
+    fields its Outcome's `finish(final=True)` returned. `independent=True` says an output does not depend
+    on its batch-mates (a per-image filter): a try is then keyed by its item alone, and only the items
+    that need it are batched, so one changed face does not redo its neighbours."""
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         raise ValueError("resume.run_rounds: item ids must be unique")
     item_key = {it.id: digest(settings_key, it.inputs) for it in items}
     plan: dict[Any, list[str]] = {it.id: [] for it in items}  # the batch key of each try, as planned
 
+    last = rounds - 1
+
     def valid(it: Item, rec: dict | None) -> list[dict]:
-        return _valid_tries(rec, item_key[it.id], plan[it.id], it)
+        tries = _valid_tries(rec, item_key[it.id], plan[it.id], it)
+        if len(tries) > last and tries[last]["why"] and not (rec.get("done") and len(rec["tries"]) == rounds):
+            # a failed try made under a larger maximum, since lowered: made again as the item's last
+            tries = tries[:last]
+        return tries
 
     members = list(items)
     for k in range(rounds):

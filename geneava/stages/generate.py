@@ -120,6 +120,11 @@ IGNORED = {
 }
 
 
+# The maximum number of tries: not in the key, so raising it continues the rows that gave up
+# (resume.run_rounds)
+TRIES = ("generate", "max_retries")
+
+
 def row_items(rows: pd.DataFrame, out_dir: Path) -> list[resume.Item]:
     """Each row as a resumable item: its own inputs, and its record beside its image."""
     return [
@@ -140,7 +145,7 @@ def plan(model_params: dict, prompt_params: dict, params: dict, lora_sha256: str
     )
     rows["file"] = [str(Path("images") / image_name(r)) for r in rows.itertuples()]
     blocks = {"models": model_params, "prompts": prompt_params, "generate": params}
-    return rows, resume.digest(resume.settings(blocks, IGNORED), lora_sha256)
+    return rows, resume.digest(resume.settings(blocks, IGNORED, TRIES), lora_sha256)
 
 
 def generate(

@@ -5,7 +5,8 @@ and put some rows on removal lists. A released dataset with holes would be off b
 renders every excluded row again with the fine-tuned model and its next derived seeds
 (`generate.retry_seed`, after the attempts the generate stage used) until a candidate passes *every*
 check - QC, stylization preservation and the memorization audit's removal rule - or `max_attempts`
-further attempts are spent (reported; the release's balance check then says so).
+further attempts are spent (reported; the release's balance check then says so). Raising `max_attempts`
+later continues the rows given up: only the new attempts are rendered (geneava.core.resume).
 
 Table 1, the audits and the figures describe the first generation, as in the paper; only the release
 takes the replacements. Each accepted candidate's face and avatar are written atomically, then a JSON
@@ -125,6 +126,11 @@ IGNORED = {
 }
 
 
+# The maximum number of attempts: not in the key, so raising it continues the rows given up where they
+# stopped, and lowering it ends rows at the new maximum (resume.run_rounds)
+TRIES = ("refill", "max_attempts")
+
+
 def settings_key(p: dict, lora_sha: str, rule: str, derived: float | None, expr_t, sets: dict) -> str:
     """The key every refilled row of these settings is made under: every parameter the checks read, the
     LoRA, the audit's rule and thresholds, and the images the memorization check compares with."""
@@ -137,7 +143,7 @@ def settings_key(p: dict, lora_sha: str, rule: str, derived: float | None, expr_
         "refill": p["params"],
     }
     return resume.digest(
-        resume.settings(blocks, IGNORED),
+        resume.settings(blocks, IGNORED, TRIES),
         lora_sha,
         {"rule": rule, "derived": derived, "expression_threshold": expr_t},
         {name: list(rows["sha256"]) for name, rows in sets.items()},
