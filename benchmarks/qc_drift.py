@@ -9,10 +9,12 @@ retries. Per step it records the QC failure rate with a 95% Wilson interval, the
 the detected face's mean height, vertical centre and smallest margin to the frame (px): the drift that
 QC only reacts to once a face crosses the frame's edge.
 
-Writes benchmarks/rehearsal/qc-drift/alpha<alpha>.json; `rehearsal.py --page` shows it in
+Writes benchmarks/rehearsal/qc-drift/alpha<alpha>.json; `--detector` instead checks the QC detector on
+procedural faces of known size, per race (detector.json). `rehearsal.py --page` shows both in
 docs/rehearsal.md. One torch job: run it alone.
 
 Run: .venv/bin/python benchmarks/qc_drift.py --run /tmp/reh100 --alpha 1 [--every 270] [--per-race 140]
+     .venv/bin/python benchmarks/qc_drift.py --detector [--per-race 300]
 """
 
 from __future__ import annotations
@@ -97,17 +99,63 @@ def summary(frame, found) -> dict:
     }
 
 
+def detector_check(per_race: int, size: int, seed: int = 0) -> dict:
+    """The QC detector on procedural faces of known size (the world's renderer, centred, 0.8-1.15 of the
+    frame): per race, the detected box's width over the true one, and how often QC calls a face too close
+    whose true box lies inside the frame. A detector that drew darker faces wider would show it here."""
+    import numpy as np
+    from PIL import Image
+
+    from geneava.core import config, emo135
+    from geneava.networks.faces import face_detector
+    from geneava.stages import qc
+    from geneava.world import standin
+
+    gen = config.blocks("generate", profile="default")["generate"]
+    detector = face_detector(gen["detector"], gen["detector_root"], gen["detector_pack"])
+    rng, classes, out = np.random.default_rng([53, seed]), emo135.classes(), {}
+    for race in sorted(standin.RACES):
+        ratio, false_close, inside = [], 0, 0
+        for _ in range(per_race):
+            c = classes[int(rng.integers(len(classes)))]
+            a = {
+                **standin.sample_identity(rng, race=race),
+                **standin._expression_dict(standin.class_expression(c)),
+            }
+            side = round(size * rng.uniform(0.8, 1.15))
+            off = (size - side) // 2
+            canvas = Image.new("RGB", (size, size), standin.BACKGROUND)
+            canvas.paste(standin.render_face(a, side), (off, off))
+            box, _ = standin.landmarks(a)
+            x0, y0, x1, y1 = (off + v * side for v in box)
+            faces = detector.detect(np.asarray(canvas))
+            if len(faces) == 1:
+                ratio.append((faces[0].box[2] - faces[0].box[0]) / (x1 - x0))
+            if min(x0, y0) >= 0 and max(x1, y1) <= size:
+                inside += 1
+                false_close += qc.check(faces, size, size, gen["qc_border"]) == "face too close"
+        out[race] = {"width_ratio": float(np.mean(ratio)), "too_close_when_inside": false_close / inside}
+    return {"per_race": per_race, "size": size, "by_race": out}
+
+
 def main(argv: list[str] | None = None) -> None:
     import rehearsal
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, required=True, help="a rehearsal run folder (its outputs/prepare)")
+    ap.add_argument("--run", type=Path, help="a rehearsal run folder (its outputs/prepare)")
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--every", type=int, default=270, help="training steps between checkpoints")
     ap.add_argument("--per-race", type=int, default=140, help="sampled prompt rows per race")
     ap.add_argument("--steps", type=int, default=rehearsal.STEPS, help="sampling steps")
     ap.add_argument("--work", type=Path, default=None, help="folder for the LoRA and checkpoints")
+    ap.add_argument("--detector", action="store_true", help="only the detector check (detector.json)")
     args = ap.parse_args(argv)
+    if args.detector:
+        from geneava.core.io import write_json
+
+        (rehearsal.RESULTS / "qc-drift").mkdir(parents=True, exist_ok=True)
+        write_json(rehearsal.RESULTS / "qc-drift" / "detector.json", detector_check(args.per_race, 64))
+        return
 
     import pandas as pd
     import torch
@@ -120,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     from geneava.networks.faces import face_detector
     from geneava.stages import finetune, generate
 
+    if args.run is None:
+        raise SystemExit("--run: the rehearsal run folder whose fine-tuning split to train on")
     prepare_dir = args.run / "outputs" / "prepare"
     if not (prepare_dir / "data" / "manifest.csv").is_file():
         raise SystemExit(f"{prepare_dir} holds no prepared split: pass a rehearsal run folder (--run)")
