@@ -351,7 +351,9 @@ def comparable(a: dict, b: dict) -> str | None:
     return None
 
 
-def page(runs: list[dict], failed: list[dict] | None = None, drift: list[dict] | None = None) -> str:
+def page(
+    runs: list[dict], failed: list[dict] | None = None, drift: list[dict] | None = None, detector=None
+) -> str:
     """docs/rehearsal.md from the recorded runs (smallest fraction first) and the runs that stopped."""
     runs = sorted(runs, key=lambda r: r["fraction"])
     head = " | ".join(f"{round(100 * r['fraction'])}%: s (peak RSS GiB)" for r in runs)
@@ -449,11 +451,11 @@ def page(runs: list[dict], failed: list[dict] | None = None, drift: list[dict] |
             lines.append(f"Refill: {json.dumps(r['refill'])}.")
         if r.get("given_up"):
             lines.append(f"The rows refill gave up on: {json.dumps(r['given_up'])}.")
-    lines += drift_section(drift or [])
+    lines += drift_section(drift or [], detector)
     return "\n".join(lines) + "\n"
 
 
-def drift_section(records: list[dict]) -> list[str]:
+def drift_section(records: list[dict], detector: dict | None = None) -> list[str]:
     """The page's section on the fine-tuned model's framing against training steps (qc_drift.py)."""
     if not records:
         return []
@@ -481,6 +483,17 @@ def drift_section(records: list[dict]) -> list[str]:
                 f"| {q['step']} | {q['rate']:.1%} | {lo:.1%}-{hi:.1%} | {q['face_height']:.2f} | "
                 f"{q['face_centre_y']:.2f} | {q['margin']:.2f} | {json.dumps(q['by_race'])} |"
             )
+    if detector:
+        cells = "; ".join(
+            f"{race} {d['width_ratio']:.3f}, {d['too_close_when_inside']:.1%}"
+            for race, d in detector["by_race"].items()
+        )
+        lines += [
+            "",
+            f"The QC detector on {detector['per_race']} procedural faces per race of known size ("
+            f"`qc_drift.py --detector`): detected box width over the true one, and how often QC calls a "
+            f"face too close whose true box lies inside the frame: {cells}.",
+        ]
     return lines
 
 
@@ -507,8 +520,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.page:
         records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
         runs = [r for r in records if "failed_stage" not in r]
-        drift = [json.loads(p.read_text()) for p in sorted((RESULTS / "qc-drift").glob("*.json"))]
-        text = page(runs, [r for r in records if r not in runs], drift)
+        drift = [json.loads(p.read_text()) for p in sorted((RESULTS / "qc-drift").glob("alpha*.json"))]
+        det = RESULTS / "qc-drift" / "detector.json"
+        text = page(
+            runs,
+            [r for r in records if r not in runs],
+            drift,
+            json.loads(det.read_text()) if det.is_file() else None,
+        )
         atomic_write_text(ROOT / "docs/rehearsal.md", text)
 
 

@@ -172,3 +172,49 @@ def test_qc_failures_are_counted_by_race_and_expression(rehearsal, tmp_path):
         "top_expressions": [["rage", 2], ["awe", 1]],  # most failures first
     }
     assert found["baseline"] == {"by_race": {}, "top_expressions": []}
+
+
+def test_the_drift_benchmark_counts_and_intervals(tmp_path):
+    """qc_drift's summary counts failures by race and verdict from the rows it rendered, and its Wilson
+    interval brackets the rate (and matches a value computed by hand)."""
+    import math
+    import sys
+
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import qc_drift
+
+    frame = pd.DataFrame({"race": ["Black", "Black", "White", "White"]})
+    found = [("face too close", 58.0, 34.0, -1.0), ("pass", 56.0, 33.0, 2.0),
+             ("no face", math.nan, math.nan, math.nan), ("pass", 55.0, 33.0, 3.0)]  # fmt: skip
+    s = qc_drift.summary(frame, found)
+    assert (s["n"], s["failed"], s["rate"]) == (4, 2, 0.5)
+    assert s["by_race"] == {"Black": 1, "White": 1}
+    assert s["by_verdict"] == {"face too close": 1, "no face": 1}
+    assert s["face_height"] == (58 + 56 + 55) / 3 and s["margin"] == (-1 + 2 + 3) / 3
+    lo, hi = qc_drift.wilson(20, 100)
+    assert abs(lo - 0.1333) < 1e-3 and abs(hi - 0.2888) < 1e-3  # the textbook values for 20/100
+
+
+def test_the_page_shows_each_drift_record(rehearsal):
+    import json
+
+    point = {"step": 0, "rate": 0.1, "ci95": [0.08, 0.12], "face_height": 56.8, "face_centre_y": 33.5,
+             "margin": 2.04, "by_race": {"Black": 3}}  # fmt: skip
+    record = {"alpha": 0.0, "lr": 5e-4, "train_steps": 1080, "rows": 980, "per_race": 140,
+              "sampling_steps": 8, "date": "2026-12-04", "commit": "abc1234", "same_lora_as_run": False,
+              "points": [point, {**point, "step": 1080, "rate": 0.25, "ci95": [0.22, 0.28]}]}  # fmt: skip
+    runs = [json.loads((ROOT / "benchmarks/rehearsal/10.json").read_text())]
+    text = rehearsal.page(runs, [], [record, {**record, "alpha": 1.0}])
+    assert "alpha 0, lr 0.0005, 1080 training steps, 980 rows" in text and "alpha 1, lr" in text
+    assert "| 1080 | 25.0% | 22.0%-28.0% | 56.80 | 33.50 | 2.04 |" in text
+    assert text.index("alpha 0,") < text.index("alpha 1,")
+    assert "QC against training steps" not in rehearsal.page(runs, [], [])
+    detector = {
+        "per_race": 300,
+        "size": 64,
+        "by_race": {"Black": {"width_ratio": 1.007, "too_close_when_inside": 0.1}},
+    }
+    assert "QC detector on 300 procedural faces" not in text
+    assert "Black 1.007, 10.0%." in rehearsal.page(runs, [], [record], detector)
