@@ -78,6 +78,31 @@ def test_training_scheduler_matches_sdxl_schedule(corpus):
     assert sched.alphas_cumprod[0] > 0.99 and sched.alphas_cumprod[-1] < 0.01
 
 
+def test_every_sampler_params_allow_is_built_on_the_models_own_schedule(corpus):
+    """schema.SAMPLERS and the factory agree; each solver keeps SDXL's noise schedule and timestep
+    spacing, and renders images of its own (euler is the model's scheduler, untouched)."""
+    from geneava.core import schema
+
+    assert schema.SAMPLERS == tuple(models.SAMPLERS)
+    kw = dict(prompt=["a face of rage"], num_inference_steps=3, height=64, width=64, output_type="np")
+    images = {}
+    for name in schema.SAMPLERS:
+        pipe = models.sdxl_pipeline("tiny", seed=0, corpus=corpus)
+        own = pipe.scheduler
+        assert models.use_sampler(pipe, name) is pipe
+        if name == "euler":
+            assert pipe.scheduler is own
+        else:
+            assert type(pipe.scheduler) is models.SAMPLERS[name][0]
+        for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "timestep_spacing"):
+            assert pipe.scheduler.config[k] == own.config[k], k
+        images[name] = pipe(generator=[torch.Generator().manual_seed(1)], **kw).images
+    assert not (images["euler"] == images["dpmpp_2m"]).all()
+    assert not (images["dpmpp_2m"] == images["unipc"]).all()
+    with pytest.raises(ValueError, match="dpmpp_2m"):
+        models.use_sampler(pipe, "ddim")
+
+
 @pytest.mark.parametrize("kind", ["clip", "dino"])
 def test_tiny_image_encoders_embed_in_batches(kind):
     enc = models.image_encoder(kind, "tiny", seed=0)

@@ -11,6 +11,7 @@ from typing import Any
 PROFILES = ("default", "paper")
 # The names each choice accepts, defined once: the module named beside each builds them.
 STYLIZERS = ("cartoon", "dctnet", "sdxl_img2img", "passthrough")  # geneava.networks.stylizers
+SAMPLERS = ("euler", "dpmpp_2m", "unipc")  # geneava.networks.models.SAMPLERS
 DETECTORS = ("auto", "retinaface", "dlib")  # geneava.networks.faces (also tiny, a RetinaFace checkpoint)
 IDENTITY_MODELS = ("auto", "arcface", "sface", "dlib")  # geneava.networks.identity (+ .safetensors network)
 DETECTOR_READERS = ("prepare", "generate", "evaluate")  # stages that find faces: they read `detector`
@@ -228,6 +229,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
     "generate": {
         "seed": integer(0),
         "steps": integer(1),
+        "sampler": text(SAMPLERS),  # euler: the model's own (SDXL's); dpmpp_2m, unipc: diffusers' solvers
         "guidance_scale": number(0.0),
         "resolution": integer(8),
         "batch_size": integer(1),

@@ -17,9 +17,11 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
+    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -201,6 +203,25 @@ def sdxl_from_params(model_params: dict, prompt_params: dict) -> StableDiffusion
         local_files_only=model_params["local_files_only"],
         corpus=prompts.vocabulary(prompt_params),
     )
+
+
+# generate.<profile>.sampler -> (diffusers scheduler, settings over the model's own scheduler config)
+SAMPLERS = {
+    "euler": None,  # the model's own scheduler (SDXL base 1.0: Euler discrete)
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+
+
+def use_sampler(pipe: StableDiffusionXLPipeline, name: str) -> StableDiffusionXLPipeline:
+    """Sample with `name` (SAMPLERS): diffusers' scheduler built from the pipeline's own scheduler config,
+    so the noise schedule (betas, timestep spacing) is the model's."""
+    if name not in SAMPLERS:
+        raise config.ParamsError(f"unknown sampler {name!r}: one of {', '.join(SAMPLERS)}")
+    if SAMPLERS[name] is not None:
+        cls, settings = SAMPLERS[name]
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **settings)
+    return pipe
 
 
 def training_scheduler(pipe: StableDiffusionXLPipeline) -> DDPMScheduler:

@@ -62,7 +62,7 @@ def retry_seed(seed: int, attempt: int) -> int:
 
 
 def _settings(model_params: dict, params: dict, lora_sha256: str | None) -> dict:
-    keys = ("steps", "guidance_scale", "resolution", "qc_border", "max_retries", "detector")
+    keys = ("steps", "sampler", "guidance_scale", "resolution", "qc_border", "max_retries", "detector")
     return {
         "model": model_params["sdxl"],
         "model_weights": source_fingerprint(model_params["sdxl"]),  # retrained in place: new images
@@ -76,8 +76,9 @@ def _settings(model_params: dict, params: dict, lora_sha256: str | None) -> dict
 
 
 def build_pipeline(model_params: dict, prompt_params: dict, params: dict, lora_dir: Path | None, device):
-    """SDXL (+ LoRA) on `device` with the speed options from params."""
+    """SDXL (+ LoRA) on `device` with the sampler and the speed options from params."""
     pipe = models.sdxl_from_params(model_params, prompt_params).to(device)
+    models.use_sampler(pipe, params["sampler"])
     if lora_dir is not None:
         pipe.load_lora_weights(str(lora_dir))
     if params["vae_slicing"]:
