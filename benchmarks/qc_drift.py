@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         print(step, {k: rows[-1][k] for k in ("rate", "face_height", "margin")}, flush=True)
 
     run_lora = args.run / "outputs" / "finetune" / "lora" / "pytorch_lora_weights.safetensors"
-    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True, text=True)
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True, text=True
+    )
     record = {
         "date": date.today().isoformat(),
         "commit": commit.stdout.strip(),

@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         sampler, steps = item.split(":")
         settings.append(one(args.outputs, args.work, sampler, int(steps)))
         print(json.dumps(settings[-1]), flush=True)
-    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True, text=True)
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True, text=True
+    )
     record = {
         "date": date.today().isoformat(),
         "commit": commit.stdout.strip(),
