@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks/rehearsal"
 IDENTITIES = 10_177  # CelebA's identities (the paper's reference set)
 PER_CLASS = 64  # stand-in images per class: 8 + 50, with room for the hard cases prepare drops
-# sampling steps (the default profile's 20 cost 2.5x the rendering time). At 4, prompts that the world's
+# sampling steps (the default profile renders at 10). At 4, prompts that the world's
 # model draws too close at every seed left the strict release short (rehearsal/10-4steps-failed.json)
 STEPS = 8
 STAGES = ["prepare", "finetune", "generate", "evaluate", "memorization", "stylize", "ablation",
