@@ -320,6 +320,35 @@ def test_rows_no_longer_selected_leave_the_folder(default, trained, tmp_path):
     assert on_disk == set(few["file"]) and len(many) == 6
 
 
+def test_raising_max_retries_renders_only_the_new_tries(default, trained, tmp_path, monkeypatch):
+    """max_retries is not in the rows' keys: raised, only the rows that gave up are rendered again, to the
+    images a run with that maximum from the start makes; lowered back, the first run's images."""
+    real, rendered = generate.render, []
+    monkeypatch.setattr(
+        generate, "render", lambda pipe, rows, *a: rendered.append(len(rows)) or real(pipe, rows, *a)
+    )
+    kw = dict(limit=3, qc=True)
+    first = _gen(default, tmp_path / "g", trained / "lora", FailsFirst(99), max_retries=1, **kw)
+    assert (first["attempt"] == 1).all() and (first["qc"] == "no face").all() and sum(rendered) == 6
+    rendered.clear()
+    more = _gen(default, tmp_path / "g", trained / "lora", Passes(), max_retries=3, **kw)
+    assert sum(rendered) == 3 and (more["attempt"] == 2).all() and (more["qc"] == "pass").all()
+    fresh = _gen(default, tmp_path / "fresh", trained / "lora", FailsFirst(6), max_retries=3, **kw)
+    assert fresh["sha256"].tolist() == more["sha256"].tolist()
+    rendered.clear()
+    back = _gen(default, tmp_path / "g", trained / "lora", FailsFirst(99), max_retries=1, **kw)
+    assert sum(rendered) == 3 and back["sha256"].tolist() == first["sha256"].tolist()
+
+
+def test_the_sampler_params_name_is_the_pipelines(default):
+    from diffusers import EulerDiscreteScheduler, UniPCMultistepScheduler
+
+    for name, cls in (("unipc", UniPCMultistepScheduler), ("euler", EulerDiscreteScheduler)):
+        params = {**default["generate"], "sampler": name}
+        pipe = generate.build_pipeline(default["models"], default["prompts"], params, None, "cpu")
+        assert type(pipe.scheduler) is cls
+
+
 def test_parameters_listed_as_ignored_do_not_change_images(default, trained, tmp_path):
     """Evidence for generate.IGNORED's claims (num_processes: the two-process test below)."""
     base = _gen(default, tmp_path / "base", trained / "lora", limit=2)

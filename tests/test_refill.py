@@ -131,6 +131,26 @@ def test_raising_max_attempts_continues_the_rows_given_up(default, outputs, tmp_
     pd.testing.assert_frame_equal(back, first)
 
 
+def test_lowering_max_attempts_gives_up_rows_accepted_past_it(default, outputs, tmp_path, monkeypatch):
+    """Rows accepted at the third attempt, then max_attempts 2: they are given up, as a run with 2 from the
+    start gives them up, and their accepted face and avatar go with their records."""
+    real, calls = stylize.preservation, []
+
+    def fails_twice(*a, **k):  # each call checks one attempt of every row (one batch)
+        calls.append(1)
+        return real(*a, **k).assign(identity_kept=len(calls) > 2)
+
+    monkeypatch.setattr(stylize, "preservation", fails_twice)
+    out = tmp_path / "refill"
+    got = _run(default, outputs, out, max_attempts=3)
+    assert got["accepted"].all() and (got["candidates"] == 3).all()
+    assert len(list((out / "images").rglob("*.png"))) == len(list((out / "avatars").rglob("*.png"))) == 3
+    monkeypatch.setattr(stylize, "preservation", lambda *a, **k: real(*a, **k).assign(identity_kept=False))
+    back = _run(default, outputs, out, max_attempts=2)
+    assert not back["accepted"].any() and (back["candidates"] == 2).all()
+    assert not list((out / "images").rglob("*.png")) and not list((out / "avatars").rglob("*.png"))
+
+
 def test_nothing_to_refill_still_writes_every_record_column(default, outputs, tmp_path):
     """Every row passed and no removal list names one (the default run at test size): the manifest is
     empty but has the record columns the notebook shows and the release reads."""

@@ -131,10 +131,11 @@ def test_a_changed_maximum_of_tries_gives_what_that_maximum_gives_from_the_start
     direct = Renderer(MORE_FAILS)
     _run(fresh, direct, rounds=after)
     _run(changed, Renderer(MORE_FAILS), rounds=before)
-    again = Renderer(MORE_FAILS)
-    _run(changed, again, rounds=after)
+    again, counted = Renderer(MORE_FAILS), []
+    _run(changed, again, rounds=after, progress=counted.append)
     assert _outputs(changed) == _outputs(fresh)
     assert _records(changed) == _records(fresh)
+    assert sum(counted) == 7  # every item counted once, made or reused
     if after > before:
         assert again.batches == [b for b in direct.batches if b[0][1] >= before]
     elif after < before:  # the last round's batches that held an item which had gone on
@@ -145,18 +146,47 @@ def test_a_changed_maximum_of_tries_gives_what_that_maximum_gives_from_the_start
         assert again.batches == []
 
 
-@pytest.mark.parametrize("kill_after", [2, 3, 4])
+class Accepts(Renderer):
+    """Writes an item's file only for a passing try (as refill does: a row given up has no files)."""
+
+    def __call__(self, batch):
+        outcomes = super().__call__(batch)
+        for (_it, k), o in zip(batch, outcomes, strict=True):
+            if o.why:  # never writes: the record of a failed try lists no file
+                o.finish = lambda final, k=k: {"try": k}
+        return outcomes
+
+
+@pytest.mark.parametrize("before, after", [(4, 2), (5, 1), (2, 4)])
+def test_files_of_a_try_past_a_lowered_maximum_go(tmp_path, before, after):
+    """An item accepted at a try the new maximum does not reach is given up: its file goes with its
+    record, as a run with that maximum from the start never writes it."""
+    fresh, changed = tmp_path / "fresh", tmp_path / "changed"
+    fresh.mkdir(), changed.mkdir()
+    _run(fresh, Accepts(MORE_FAILS), rounds=after)
+    _run(changed, Accepts(MORE_FAILS), rounds=before)
+    _run(changed, Accepts(MORE_FAILS), rounds=after)
+    assert _outputs(changed) == _outputs(fresh)
+    assert _records(changed) == _records(fresh)
+
+
+@pytest.mark.parametrize("kill_after", [2, 3, 4, 5, 6])
 def test_a_run_killed_under_a_larger_maximum_ends_at_a_lower_one(tmp_path, kill_after):
     """Killed mid-way with a larger maximum (records of tries that were not final), then run with a
-    lower one: the records and files of a run with the lower maximum from the start."""
+    lower one: the records and files of a run with the lower maximum from the start, and of its batches
+    only those the killed run had not made as that run would (round 1's, whose tries were not final)."""
     fresh, killed = tmp_path / "fresh", tmp_path / "killed"
     fresh.mkdir(), killed.mkdir()
-    _run(fresh, Renderer(MORE_FAILS), rounds=2)
+    direct = Renderer(MORE_FAILS)
+    _run(fresh, direct, rounds=2)
     with pytest.raises(Killed):
         _run(killed, Renderer(MORE_FAILS, kill_after=kill_after), rounds=5)
-    _run(killed, Renderer(MORE_FAILS), rounds=2)
+    again = Renderer(MORE_FAILS)
+    _run(killed, again, rounds=2)
     assert _outputs(killed) == _outputs(fresh)
     assert _records(killed) == _records(fresh)
+    # round 0 (3 batches) is the same under either maximum; round 1's tries were not final: made again
+    assert again.batches == direct.batches[min(kill_after, 3) :]
 
 
 def test_records_of_other_settings_or_inputs_are_never_reused(tmp_path):
@@ -303,7 +333,7 @@ def test_every_generate_parameter_reaches_the_row_keys(default, tmp_path):
         return resume.first_round_keys(items, key, params["batch_size"])
 
     blocks = {k: dict(default[k]) for k in ("models", "prompts", "generate")}
-    _check_every_key(blocks, keys_of, generate.IGNORED, generate.TRIES)
+    _check_every_key(blocks, keys_of, generate.IGNORED, ("generate", "max_retries"))
 
 
 def test_every_stylize_parameter_reaches_the_avatar_keys(default, tmp_path):
@@ -337,7 +367,7 @@ def test_every_refill_parameter_reaches_the_row_keys(default):
         return {"all rows": refill.settings_key(p, "lora", "derived", 0.5, 1.0, sets)}
 
     blocks = {k: dict(default[k]) for k in names}
-    _check_every_key(blocks, keys_of, refill.IGNORED, refill.TRIES)
+    _check_every_key(blocks, keys_of, refill.IGNORED, ("refill", "max_attempts"))
     p = {names[k]: v for k, v in blocks.items()}
     # the audit's rule, thresholds and compared images are part of the key too
     base = refill.settings_key(p, "lora", "derived", 0.5, 1.0, sets)

@@ -192,6 +192,11 @@ def run_rounds(
                     "tries": [*prior[:k], {"batch": plan[it.id][k], "why": outcome.why}],
                     "done": final,
                 }
+                # files the record it replaces vouched for and this one does not (e.g. a row accepted at a
+                # try past a maximum since lowered): removed before the new record, so none outlives it
+                old = set((records[it.id] or {}).get("files", [])) - set(rec.get("files", []))
+                for name in sorted(old):
+                    (it.base / name).unlink(missing_ok=True)
                 atomic_write_text(it.record, json.dumps(rec, sort_keys=True))
                 progress(int(final))
         barrier()

@@ -5,13 +5,12 @@ and put some rows on removal lists. A released dataset with holes would be off b
 renders every excluded row again with the fine-tuned model and its next derived seeds
 (`generate.retry_seed`, after the attempts the generate stage used) until a candidate passes *every*
 check - QC, stylization preservation and the memorization audit's removal rule - or `max_attempts`
-further attempts are spent (reported; the release's balance check then says so). Raising `max_attempts`
-later continues the rows given up: only the new attempts are rendered (geneava.core.resume).
-
-Table 1, the audits and the figures describe the first generation, as in the paper; only the release
-takes the replacements. Each accepted candidate's face and avatar are written atomically, then a JSON
-record of the row; a killed run resumes with the rows that have no record, and a row is never refilled
-twice. Settings that differ from the previous run's clear the folder first.
+further attempts are spent (reported; the release's balance check then says so; raising it later
+renders only the new attempts). Table 1, the audits and the figures describe the first generation, as in
+the paper; only the release takes the replacements. Each accepted candidate's face and avatar are written
+atomically, then a JSON record of the row; a killed run resumes try by try, and a try made with other
+settings is made again (geneava.core.resume: the key covers every parameter, the LoRA, the audit's rule
+and sets). report.json's `attempts_rendered`: the attempts the records hold, over every run that made them.
 """
 
 from __future__ import annotations
@@ -126,9 +125,7 @@ IGNORED = {
 }
 
 
-# The maximum number of attempts: not in the key, so raising it continues the rows given up where they
-# stopped, and lowering it ends rows at the new maximum (resume.run_rounds)
-TRIES = ("refill", "max_attempts")
+TRIES = ("refill", "max_attempts")  # not in the key: raising it continues rows given up (resume.run_rounds)
 
 
 def settings_key(p: dict, lora_sha: str, rule: str, derived: float | None, expr_t, sets: dict) -> str:
