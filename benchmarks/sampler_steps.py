@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ def one(outputs: Path, work: Path, sampler: str, steps: int) -> dict:
     b = config.blocks("models", "prompts", "generate", "evaluate", profile="default")
     gen = {**b["generate"], "sampler": sampler, "steps": steps}
     here = work / f"{sampler}-{steps}"
+    shutil.rmtree(here, ignore_errors=True)  # timed: render everything (a resumed stage renders nothing)
     seconds, kept = {}, {}
     for variant, lora in (("finetuned", outputs / "finetune" / "lora"), ("baseline", None)):
         start = time.perf_counter()

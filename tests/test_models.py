@@ -81,6 +81,8 @@ def test_training_scheduler_matches_sdxl_schedule(corpus):
 def test_every_sampler_params_allow_is_built_on_the_models_own_schedule(corpus):
     """schema.SAMPLERS and the factory agree; each solver keeps SDXL's noise schedule and timestep
     spacing, and renders images of its own (euler is the model's scheduler, untouched)."""
+    from diffusers import EulerDiscreteScheduler
+
     from geneava.core import schema
 
     assert schema.SAMPLERS == tuple(models.SAMPLERS)
@@ -91,7 +93,7 @@ def test_every_sampler_params_allow_is_built_on_the_models_own_schedule(corpus):
         own = pipe.scheduler
         assert models.use_sampler(pipe, name) is pipe
         if name == "euler":
-            assert pipe.scheduler is own
+            assert pipe.scheduler is own and type(own) is EulerDiscreteScheduler
         else:
             assert type(pipe.scheduler) is models.SAMPLERS[name][0]
         for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "timestep_spacing"):
@@ -99,6 +101,7 @@ def test_every_sampler_params_allow_is_built_on_the_models_own_schedule(corpus):
         images[name] = pipe(generator=[torch.Generator().manual_seed(1)], **kw).images
     assert not (images["euler"] == images["dpmpp_2m"]).all()
     assert not (images["dpmpp_2m"] == images["unipc"]).all()
+    assert not (images["euler"] == images["unipc"]).all()
     with pytest.raises(ValueError, match="dpmpp_2m"):
         models.use_sampler(pipe, "ddim")
 
