@@ -168,6 +168,46 @@ def test_model_card_describes_the_trained_lora_and_is_reproducible(trained, defa
     assert again == card  # no clock or machine path in it: the same run writes the same bytes anywhere
 
 
+def test_the_released_lora_carries_table1_and_the_same_files(trained, default, tmp_path):
+    """release's `lora/`: the trained files byte for byte, generate's grid, and the card again with Table 1
+    in place of the pointer; whole or absent (built aside), and what is missing is named."""
+    from geneava.core.io import sha256_file
+    from geneava.stages import lora_export
+
+    outputs = tmp_path / "outputs"
+    (outputs / "evaluate").mkdir(parents=True)
+    (outputs / "generate").mkdir()
+    (outputs / "finetune").symlink_to(trained)
+    about = {
+        "model_params": default["models"],
+        "prompt_params": default["prompts"],
+        "params": dict(default["finetune"], max_train_steps=4),
+        "resolution": default["prepare"]["resolution"],
+    }
+    with pytest.raises(
+        FileNotFoundError, match="table1.md not found: run the finetune, generate and evaluate"
+    ):
+        lora_export.package(about, outputs, tmp_path / "release" / "lora")
+    assert not (tmp_path / "release" / "lora").exists() and not list((tmp_path / "release").glob(".*"))
+    (outputs / "evaluate" / "table1.md").write_text("| Model | Exp. |\n|---|---|\n| measured | 7.9 |\n")
+    (outputs / "generate" / "grid.png").write_bytes(b"png bytes")
+    out = lora_export.package(about, outputs, tmp_path / "release" / "lora")
+    for name in (finetune.LORA_FILE, lora_export.KOHYA_FILE):
+        assert sha256_file(out / name) == sha256_file(trained / "lora" / name)
+    assert (out / lora_export.SAMPLES).read_bytes() == b"png bytes"
+    card = (out / lora_export.CARD_FILE).read_text()
+    training = (trained / "lora" / lora_export.CARD_FILE).read_text()
+    assert "| measured | 7.9 |" in card and lora_export.GRID in card
+    assert lora_export.PENDING[0] in training and lora_export.PENDING[0] not in card
+    # everything but the Results section is the training card's
+    assert card.split("## Results")[0] == training.split("## Results")[0]
+    assert card.split("## Files")[1] == training.split("## Files")[1]
+    (outputs / "evaluate" / "table1.md").write_text("| measured again | 7.1 |\n")
+    again = (lora_export.package(about, outputs, out) / lora_export.CARD_FILE).read_text()
+    assert "| measured again | 7.1 |" in again and "| measured | 7.9 |" not in again
+    assert sorted(p.name for p in out.parent.iterdir()) == ["lora"]  # no temporary folder left
+
+
 def test_saves_lora_and_loss_log(trained):
     weights = load_file(trained / "lora" / finetune.LORA_FILE)
     assert weights and all("lora" in k and k.startswith("unet.") for k in weights)

@@ -9,12 +9,25 @@ as its training scripts' docs show); nothing is renamed here by hand. Stock diff
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from geneava.core import io
 
 KOHYA_FILE = "geneava_lora_kohya.safetensors"
 CARD_FILE = "README.md"
+SAMPLES = "samples.png"  # the released card's grid of faces (generate's grid.png)
+PENDING = [  # the training card's Results: Table 1 does not exist yet
+    "Table 1 (CLIP, DINOv2, LPIPS, Exp, recognition, with bootstrap CIs) for this LoRA is computed after",
+    "training, by the evaluate stage: `outputs/evaluate/table1.md` of the run that trained it; the release",
+    "stage writes this card again with it (`outputs/release/lora/`).",
+]
+MEASURED = [
+    "Measured by the evaluate stage of the run that trained this LoRA (fine-tuned against the base model",
+    "on the same prompts and seeds; `outputs/evaluate/table1.md`):",
+]
+GRID = f"![Faces drawn with this LoRA]({SAMPLES})"
 PAPER_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
@@ -42,10 +55,17 @@ def _licence(base: str) -> str:
 
 
 def model_card(
-    model_params: dict, prompt_params: dict, params: dict, metrics: dict, resolution: int, lora_dir: Path
+    model_params: dict,
+    prompt_params: dict,
+    params: dict,
+    metrics: dict,
+    resolution: int,
+    lora_dir: Path,
+    results: str | None = None,
 ) -> str:
     """The card's Markdown, from the run's own parameters and metrics (no clock, no paths outside the
-    project: the same run writes the same bytes)."""
+    project: the same run writes the same bytes). `results`: Table 1 as the evaluate stage wrote it (the
+    released card, `package`); None: the training card says where Table 1 will be."""
     base = str(model_params["sdxl"])
     files = {
         name: io.sha256_file(Path(lora_dir) / name)
@@ -96,12 +116,11 @@ def model_card(
         "```",
         "",
         f"Final loss {metrics['final_loss']:.4f}; the loss curves and a before/after grid on the same seeds",
-        "are `../loss.png` and `../before_after.png` (the finetune notebook writes them beside this folder).",
+        "are `loss.png` and `before_after.png` in the finetune stage's folder (`outputs/finetune/`).",
         "",
         "## Results",
         "",
-        "Table 1 (CLIP, DINOv2, LPIPS, Exp, recognition, with bootstrap CIs) for this LoRA is computed after",
-        "training, by the evaluate stage: `outputs/evaluate/table1.md` of the run that trained it.",
+        *(PENDING if results is None else [*MEASURED, "", results.strip(), "", GRID]),
         "",
         "## Files",
         "",
@@ -114,6 +133,57 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def about(profile: str | None, params_file: Path | None = None) -> dict:
+    """The parameter blocks a card describes (as the finetune stage reads them)."""
+    from geneava.core import config
+
+    b = config.blocks("models", "prompts", "finetune", "prepare", profile=profile, path=params_file)
+    return {
+        "model_params": b["models"],
+        "prompt_params": b["prompts"],
+        "params": b["finetune"],
+        "resolution": b["prepare"]["resolution"],
+    }
+
+
+def package(about: dict, outputs: Path, out_dir: Path) -> Path:
+    """`out_dir` as released: the trained LoRA's files (diffusers', kohya's), a grid of faces it drew
+    (generate's) and its card with Table 1. Built aside and moved into place, so it is whole or absent.
+    `about`: the model, prompt, finetune and prepare parameter blocks of the run."""
+    from geneava.core.io import temp_dir
+
+    lora, out_dir = Path(outputs) / "finetune" / "lora", Path(out_dir)
+    needed = [
+        lora / "pytorch_lora_weights.safetensors",
+        lora / KOHYA_FILE,
+        Path(outputs) / "finetune" / "metrics.json",
+    ]
+    needed += [Path(outputs) / "evaluate" / "table1.md", Path(outputs) / "generate" / "grid.png"]
+    for path in needed:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run the finetune, generate and evaluate stages first")
+    tmp = temp_dir(out_dir.parent, out_dir.name)
+    try:
+        for f in needed[:2]:
+            shutil.copyfile(f, tmp / f.name)
+        shutil.copyfile(needed[4], tmp / SAMPLES)
+        card = model_card(
+            about["model_params"],
+            about["prompt_params"],
+            about["params"],
+            json.loads(needed[2].read_text()),
+            about["resolution"],
+            tmp,
+            results=needed[3].read_text(),
+        )
+        io.atomic_write_text(tmp / CARD_FILE, card)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
 
 
 def write(

@@ -25,7 +25,7 @@ from PIL import Image
 
 from geneava.core import cli, config
 from geneava.core.io import temp_dir, write_csv, write_json
-from geneava.stages import qc
+from geneava.stages import lora_export, qc
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,8 @@ def check_loads(folder: Path, n: int) -> int:
 
 
 def run(profile: str | None, outputs: Path, out_dir: Path, params_file: Path | None = None) -> dict:
+    """The LoRA as released (`out_dir/lora`: its files and a card with Table 1), then the dataset."""
+    lora_export.package(lora_export.about(profile, params_file), Path(outputs), Path(out_dir) / "lora")
     return build(stage_params(profile, params_file), outputs, out_dir)
 
 
