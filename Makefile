@@ -20,7 +20,7 @@ $(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "geneava needs Python 3.11 (set PYTHON=...)"'
 	$(PYTHON) -m venv $(VENV)
 	@if [ "$(INSTALLER)" = uv ] && $(BIN)/python -m pip install -q uv==$(UV_VERSION) \
-	    && $(BIN)/uv pip install --python $(BIN)/python -r requirements.txt; then echo "installed the lock with uv"; \
+	    && $(BIN)/uv pip install --compile-bytecode --python $(BIN)/python -r requirements.txt; then echo "installed the lock with uv"; \
 	else echo "installing the lock with pip"; $(BIN)/python -m pip install -r requirements.txt; fi
 	$(BIN)/python -m pip install --no-deps -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name geneava --display-name "Python 3 (geneava)"
