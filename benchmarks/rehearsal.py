@@ -370,8 +370,8 @@ def page(
         "Terms: the world ([world.md](world.md)); variants, QC and refill ([stages/generate.md]"
         "(stages/generate.md)); cells, strict balance ([stages/release.md](stages/release.md)).",
         "",
-        "| run | date | commit | CPUs | steps | wall (s) | expressions | rows per variant | released "
-        "| strict |",
+        "| run | date | commit | CPUs | sampling steps | wall (s) | expressions | rows per variant "
+        "| released | strict |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
@@ -429,7 +429,7 @@ def page(
         )
         lines += [
             "",
-            f"## A run that stopped: {round(100 * r['fraction'])}% at {steps} steps "
+            f"## A run that stopped: {round(100 * r['fraction'])}% at {steps} sampling steps "
             f"({r['date']}, {r['commit']}, {r['cpus']} CPUs, {r['wall_seconds']} s until it stopped)",
             "",
             f"Stopped in **{r['failed_stage']}**: `{r['error']}`",
@@ -439,7 +439,7 @@ def page(
         if r.get("generate"):
             g = r["generate"]
             lines.append(
-                "QC: "
+                "QC, final verdicts (after generate's retries): "
                 + "; ".join(
                     f"{v} {json.dumps(g[v]['qc'])} of {g[v]['rows']:,}" for v in ("finetuned", "baseline")
                 )

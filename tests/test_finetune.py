@@ -170,42 +170,58 @@ def test_model_card_describes_the_trained_lora_and_is_reproducible(trained, defa
 
 def test_the_released_lora_carries_table1_and_the_same_files(trained, default, tmp_path):
     """release's `lora/`: the trained files byte for byte, generate's grid, and the card again with Table 1
-    in place of the pointer; whole or absent (built aside), and what is missing is named."""
-    from geneava.core.io import sha256_file
+    and generate's settings in place of the pointer; whole or absent (built aside), what is missing named."""
+    from geneava.core.io import sha256_file, write_csv
     from geneava.stages import lora_export
 
     outputs = tmp_path / "outputs"
     (outputs / "evaluate").mkdir(parents=True)
-    (outputs / "generate").mkdir()
+    (outputs / "generate" / "finetuned").mkdir(parents=True)
     (outputs / "finetune").symlink_to(trained)
-    about = {
-        "model_params": default["models"],
-        "prompt_params": default["prompts"],
-        "params": dict(default["finetune"], max_train_steps=4),
-        "resolution": default["prepare"]["resolution"],
-    }
+    settings = {"sampler": "euler", "steps": 10, "guidance_scale": 5.0, "resolution": 64}
+    write_csv(
+        outputs / "generate" / "finetuned" / "manifest.csv", pd.DataFrame([{"row_id": "a", **settings}])
+    )
     with pytest.raises(
         FileNotFoundError, match="table1.md not found: run the finetune, generate and evaluate"
     ):
-        lora_export.package(about, outputs, tmp_path / "release" / "lora")
+        lora_export.package(outputs, tmp_path / "release" / "lora")
     assert not (tmp_path / "release" / "lora").exists() and not list((tmp_path / "release").glob(".*"))
     (outputs / "evaluate" / "table1.md").write_text("| Model | Exp. |\n|---|---|\n| measured | 7.9 |\n")
     (outputs / "generate" / "grid.png").write_bytes(b"png bytes")
-    out = lora_export.package(about, outputs, tmp_path / "release" / "lora")
+    out = lora_export.package(outputs, tmp_path / "release" / "lora")
     for name in (finetune.LORA_FILE, lora_export.KOHYA_FILE):
         assert sha256_file(out / name) == sha256_file(trained / "lora" / name)
     assert (out / lora_export.SAMPLES).read_bytes() == b"png bytes"
     card = (out / lora_export.CARD_FILE).read_text()
     training = (trained / "lora" / lora_export.CARD_FILE).read_text()
     assert "| measured | 7.9 |" in card and lora_export.GRID in card
+    assert "rendered with sampler euler, steps 10, guidance_scale 5.0, resolution 64" in card
     assert lora_export.PENDING[0] in training and lora_export.PENDING[0] not in card
     # everything but the Results section is the training card's
     assert card.split("## Results")[0] == training.split("## Results")[0]
     assert card.split("## Files")[1] == training.split("## Files")[1]
     (outputs / "evaluate" / "table1.md").write_text("| measured again | 7.1 |\n")
-    again = (lora_export.package(about, outputs, out) / lora_export.CARD_FILE).read_text()
+    again = (lora_export.package(outputs, out) / lora_export.CARD_FILE).read_text()
     assert "| measured again | 7.1 |" in again and "| measured | 7.9 |" not in again
     assert sorted(p.name for p in out.parent.iterdir()) == ["lora"]  # no temporary folder left
+
+
+def test_the_worlds_card_claims_no_third_party_faces_or_weights(default, trained):
+    from geneava.stages import lora_export
+
+    card = (trained / "lora" / lora_export.CARD_FILE).read_text()  # trained on the world's base model
+    assert default["models"]["sdxl"] == "models/world/sdxl"
+    assert "procedural stand-in for Emo135" in card and "Emo135 (the fine-tuning images)" not in card
+    paper = lora_export.model_card(
+        {**default["models"], "sdxl": lora_export.PAPER_BASE},
+        default["prompts"],
+        dict(default["finetune"], max_train_steps=4),
+        json.loads((trained / "metrics.json").read_text()),
+        1024,
+        trained / "lora",
+    )
+    assert "CreativeML Open RAIL++-M" in paper and "Emo135 (the fine-tuning images)" in paper
 
 
 def test_saves_lora_and_loss_log(trained):

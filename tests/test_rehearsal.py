@@ -149,7 +149,7 @@ def test_a_run_that_stops_is_recorded_with_its_stage_and_error(rehearsal, tmp_pa
     )
     done = json.loads((ROOT / "benchmarks/rehearsal/10.json").read_text())
     text = rehearsal.page([done], [record])
-    assert "## A run that stopped: 10% at 4 steps" in text and "Stopped in **finetune**" in text
+    assert "## A run that stopped: 10% at 4 sampling steps" in text and "Stopped in **finetune**" in text
     assert "Stages it finished: prepare 12 s, 1.0 GiB." in text
 
 

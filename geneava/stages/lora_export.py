@@ -27,7 +27,10 @@ MEASURED = [
     "Measured by the evaluate stage of the run that trained this LoRA (fine-tuned against the base model",
     "on the same prompts and seeds; `outputs/evaluate/table1.md`):",
 ]
-GRID = f"![Faces drawn with this LoRA]({SAMPLES})"
+GRID = (
+    f"![Faces this LoRA drew, the generate stage's grid]({SAMPLES}) (faces QC rejected are marked so; the"
+    " refill stage drew those rows again)"
+)
 PAPER_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
@@ -42,16 +45,26 @@ def save_kohya(lora_file: Path) -> Path:
     return io.save_tensors(kohya, state, metadata={"ss_network_module": "networks.lora"})
 
 
-def _licence(base: str) -> str:
+def _world(base: str) -> bool:
+    return Path(base).parts[:2] == ("models", "world")
+
+
+def _licence(base: str) -> list[str]:
+    """The card's licence lines: the base model's terms and the fine-tuning images'."""
+    if _world(base):
+        return [
+            "The base model is the miniature world's (`models/world/`), trained by this project on "
+            "procedural faces, as were the fine-tuning images (the stand-in for Emo135 in `data/`): no "
+            "third-party weights or faces."
+        ]
+    emo135 = "Emo135 (the fine-tuning images) is distributed by its authors under their own terms."
     if base == PAPER_BASE:
-        return (
+        return [
             "The LoRA adapts SDXL base 1.0, released under the CreativeML Open RAIL++-M licence: its use "
-            "restrictions carry over to this adapter (read them on the base model's card)."
-        )
-    return (
-        f"The base model `{base}` is not SDXL base 1.0: check its own licence. The miniature world's "
-        "models (`models/world/`) are trained by this project on procedural faces."
-    )
+            "restrictions carry over to this adapter (read them on the base model's card).",
+            emo135,
+        ]
+    return [f"The base model `{base}` is not SDXL base 1.0: check its own licence.", emo135]
 
 
 def model_card(
@@ -61,11 +74,10 @@ def model_card(
     metrics: dict,
     resolution: int,
     lora_dir: Path,
-    results: str | None = None,
 ) -> str:
     """The card's Markdown, from the run's own parameters and metrics (no clock, no paths outside the
-    project: the same run writes the same bytes). `results`: Table 1 as the evaluate stage wrote it (the
-    released card, `package`); None: the training card says where Table 1 will be."""
+    project: the same run writes the same bytes). Its Results section says where Table 1 will be: the
+    release stage writes the card again with it (`released_card`)."""
     base = str(model_params["sdxl"])
     files = {
         name: io.sha256_file(Path(lora_dir) / name)
@@ -90,8 +102,9 @@ def model_card(
             rank=params["rank"], base=base
         ),
         "expression-guided loss (L = L_dm + alpha * L_exp, POSTER embeddings of the real image and of the",
-        "one-step reconstruction) on {images} images of Emo135's expression classes.".format(
-            images=metrics["images"]
+        "one-step reconstruction) on {images} images of {source}.".format(
+            images=metrics["images"],
+            source="the procedural stand-in for Emo135's classes" if _world(base) else "Emo135's classes",
         ),
         "",
         "## Usage (no trigger word: the expression phrase of the prompt drives it)",
@@ -120,7 +133,7 @@ def model_card(
         "",
         "## Results",
         "",
-        *(PENDING if results is None else [*MEASURED, "", results.strip(), "", GRID]),
+        *PENDING,
         "",
         "## Files",
         "",
@@ -128,56 +141,45 @@ def model_card(
         "",
         "## Licence",
         "",
-        _licence(base),
-        "Emo135 (the fine-tuning images) is distributed by its authors under their own terms.",
+        *_licence(base),
         "",
     ]
     return "\n".join(lines)
 
 
-def about(profile: str | None, params_file: Path | None = None) -> dict:
-    """The parameter blocks a card describes (as the finetune stage reads them)."""
-    from geneava.core import config
-
-    b = config.blocks("models", "prompts", "finetune", "prepare", profile=profile, path=params_file)
-    return {
-        "model_params": b["models"],
-        "prompt_params": b["prompts"],
-        "params": b["finetune"],
-        "resolution": b["prepare"]["resolution"],
-    }
+def released_card(card: str, table1: str, rendered: dict) -> str:
+    """The training card with its Results section replaced by Table 1 as the evaluate stage wrote it, how
+    the project rendered (generate's settings) and the grid of faces; every other line is the card's."""
+    head, rest = card.split("\n## Results\n", 1)
+    tail = rest.split("\n## Files\n", 1)[1]
+    how = ", ".join(f"{k} {v}" for k, v in rendered.items())
+    results = [*MEASURED, "", table1.strip(), "", f"The project rendered with {how}.", "", GRID, ""]
+    return "\n".join([head, "## Results", "", *results, "## Files", tail])
 
 
-def package(about: dict, outputs: Path, out_dir: Path) -> Path:
-    """`out_dir` as released: the trained LoRA's files (diffusers', kohya's), a grid of faces it drew
-    (generate's) and its card with Table 1. Built aside and moved into place, so it is whole or absent.
-    `about`: the model, prompt, finetune and prepare parameter blocks of the run."""
+def package(outputs: Path, out_dir: Path) -> Path:
+    """`out_dir` as released: the trained LoRA's files (diffusers', kohya's), generate's grid of its faces
+    and its card with Table 1 (`released_card`). Built aside and moved into place: whole or absent."""
+    import pandas as pd
+
     from geneava.core.io import temp_dir
 
-    lora, out_dir = Path(outputs) / "finetune" / "lora", Path(out_dir)
-    needed = [
-        lora / "pytorch_lora_weights.safetensors",
-        lora / KOHYA_FILE,
-        Path(outputs) / "finetune" / "metrics.json",
-    ]
-    needed += [Path(outputs) / "evaluate" / "table1.md", Path(outputs) / "generate" / "grid.png"]
-    for path in needed:
+    outputs, out_dir = Path(outputs), Path(out_dir)
+    lora = outputs / "finetune" / "lora"
+    files = [lora / "pytorch_lora_weights.safetensors", lora / KOHYA_FILE, lora / CARD_FILE]
+    table1, grid = outputs / "evaluate" / "table1.md", outputs / "generate" / "grid.png"
+    manifest = outputs / "generate" / "finetuned" / "manifest.csv"
+    for path in [*files, table1, grid, manifest]:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run the finetune, generate and evaluate stages first")
+    first = pd.read_csv(manifest, nrows=1).iloc[0]
+    rendered = {k: first[k] for k in ("sampler", "steps", "guidance_scale", "resolution") if k in first}
     tmp = temp_dir(out_dir.parent, out_dir.name)
     try:
-        for f in needed[:2]:
+        for f in files[:2]:
             shutil.copyfile(f, tmp / f.name)
-        shutil.copyfile(needed[4], tmp / SAMPLES)
-        card = model_card(
-            about["model_params"],
-            about["prompt_params"],
-            about["params"],
-            json.loads(needed[2].read_text()),
-            about["resolution"],
-            tmp,
-            results=needed[3].read_text(),
-        )
+        shutil.copyfile(grid, tmp / SAMPLES)
+        card = released_card(files[2].read_text(), table1.read_text(), rendered)
         io.atomic_write_text(tmp / CARD_FILE, card)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)

@@ -236,7 +236,7 @@ def check_loads(folder: Path, n: int) -> int:
 
 def run(profile: str | None, outputs: Path, out_dir: Path, params_file: Path | None = None) -> dict:
     """The LoRA as released (`out_dir/lora`: its files and a card with Table 1), then the dataset."""
-    lora_export.package(lora_export.about(profile, params_file), Path(outputs), Path(out_dir) / "lora")
+    lora_export.package(Path(outputs), Path(out_dir) / "lora")
     return build(stage_params(profile, params_file), outputs, out_dir)
 
 
