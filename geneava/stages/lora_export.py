@@ -180,7 +180,7 @@ def package(outputs: Path, out_dir: Path) -> Path:
             shutil.copyfile(f, tmp / f.name)
         shutil.copyfile(grid, tmp / SAMPLES)
         card = released_card(files[2].read_text(), table1.read_text(), rendered)
-        io.atomic_write_text(tmp / CARD_FILE, card)
+        (tmp / CARD_FILE).write_text(card)  # the folder as a whole is moved into place
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     finally:
