@@ -191,6 +191,8 @@ def test_other_variant_pairs_are_labelled_and_the_ablation_summary_reads_both(
     table = (tmp_path / "a" / "table1.md").read_text()
     assert "GenEAva, α = 0 (no L_exp)" in table and "Δ fine-tuned − α = 0" in table
     assert "paper:" not in table  # the paper's rows belong beside fine-tuned vs baseline only
+    delta = next(line for line in table.splitlines() if line.startswith("| Δ"))
+    assert all(c.strip()[0] in "+-" for c in delta.split("|")[2:-1])  # differences carry their sign
     diff = results["vs_finetuned"]["result"]["per_class_pairs"]["difference"]["exp"]
     assert diff == first["result"]["per_class_pairs"]["difference"]["exp"]  # same images, same draws
     summary = ablation.summary_table(results, 1.0, 0.0)
@@ -288,3 +290,9 @@ def test_primary_grid_shows_posters_verdict_under_each_face(
     assert all(lab.endswith(("✓", "✗")) for row in labels for lab in row)
     assert labels[0] == labels[1]  # the "fine-tuned" faces are the real ones: POSTER says the same
     plt.close(fig)
+
+
+def test_differences_carry_their_sign():
+    d = {"mean": 0.0017, "lo": -0.001, "hi": 0.003}
+    assert tables.cell(d, 4, signed=True) == "+0.0017 [-0.0010, +0.0030]"
+    assert tables.cell(d, 3) == "0.002 [-0.001, 0.003]"

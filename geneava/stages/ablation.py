@@ -101,8 +101,8 @@ def summary_table(results: dict, alpha: float, ablated: float) -> pd.DataFrame:
                 "baseline": base["baseline"][m]["mean"],
                 f"α = {ablated:g}": full[LABEL][m]["mean"],
                 f"α = {alpha:g}": full["finetuned"][m]["mean"],
-                f"α = {alpha:g} − α = {ablated:g}": tables.cell(full["difference"][m], 4),
-                f"α = {ablated:g} − baseline": tables.cell(base["difference"][m], 4),
+                f"α = {alpha:g} − α = {ablated:g}": tables.cell(full["difference"][m], 4, True),
+                f"α = {ablated:g} − baseline": tables.cell(base["difference"][m], 4, True),
             }
         )
     full_r = results["vs_finetuned"]["result"].get("recognition", {})
@@ -114,8 +114,8 @@ def summary_table(results: dict, alpha: float, ablated: float) -> pd.DataFrame:
                 "baseline": base_r["baseline"]["mean"],
                 f"α = {ablated:g}": full_r[LABEL]["mean"],
                 f"α = {alpha:g}": full_r["finetuned"]["mean"],
-                f"α = {alpha:g} − α = {ablated:g}": tables.cell(full_r["difference"], 4),
-                f"α = {ablated:g} − baseline": tables.cell(base_r["difference"], 4),
+                f"α = {alpha:g} − α = {ablated:g}": tables.cell(full_r["difference"], 4, True),
+                f"α = {ablated:g} − baseline": tables.cell(base_r["difference"], 4, True),
             }
         )
     return pd.DataFrame(rows).set_index("metric")

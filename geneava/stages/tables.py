@@ -36,8 +36,10 @@ def per_class_table(classes: list[str], mats: dict) -> pd.DataFrame:
     return df
 
 
-def cell(s: dict, digits: int = 3) -> str:
-    return f"{s['mean']:.{digits}f} [{s['lo']:.{digits}f}, {s['hi']:.{digits}f}]"
+def cell(s: dict, digits: int = 3, signed: bool = False) -> str:
+    """mean [lo, hi]; `signed` for differences, so a positive one reads "+0.0017" as on results.md."""
+    f = f"+.{digits}f" if signed else f".{digits}f"
+    return f"{s['mean']:{f}} [{s['lo']:{f}}, {s['hi']:{f}}]"
 
 
 def _rows(result: dict) -> list[tuple[str, list[str]]]:
@@ -47,7 +49,10 @@ def _rows(result: dict) -> list[tuple[str, list[str]]]:
     rows = [(name(v), [cell(t[v][m]) for m in METRICS]) for v in (second, first)]
     diff = t["difference"]  # first minus second
     rows.append(
-        (f"Δ {SHORT.get(first, first)} − {SHORT.get(second, second)}", [cell(diff[m], 4) for m in METRICS])
+        (
+            f"Δ {SHORT.get(first, first)} − {SHORT.get(second, second)}",
+            [cell(diff[m], 4, True) for m in METRICS],
+        )
     )
     rows += [
         (f"all pairs: {name(v)}", [f"{result['all_pairs'][v][m]:.3f}" for m in METRICS])
