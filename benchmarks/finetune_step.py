@@ -19,7 +19,7 @@ CHILD = r"""
 import json, resource, sys, time, torch
 from geneava.core import config, prompts
 from geneava.networks import models
-from geneava.stages import finetune
+from geneava.stages import finetune, objective
 alpha, steps, batch, res = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 cache = sys.argv[5] == "cached"
 torch.manual_seed(0)
@@ -40,7 +40,7 @@ base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 times = []
 for i in range(steps + 3):
     t0 = time.perf_counter()
-    loss = finetune.losses_for_batch(pipe.unet, pipe.vae, encoder, sched, None if cache else pixels, emb,
+    loss = objective.losses_for_batch(pipe.unet, pipe.vae, encoder, sched, None if cache else pixels, emb,
                                      pooled, real, alpha, res, torch.Generator().manual_seed(i), moments)[0]
     loss.backward(); opt.step(); opt.zero_grad()
     if i >= 3:  # warm-up steps are not timed

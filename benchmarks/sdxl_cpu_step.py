@@ -3,7 +3,7 @@
 SDXL base 1.0's UNet (random weights, bf16) and VAE (fp32) from their published configurations
 (benchmarks/sdxl-base-1.0/), POSTER at full size (random, fp32), LoRA rank 4 by the project's
 `finetune.add_lora`, gradient checkpointing of UNet and VAE as the paper profile sets it; then the
-project's own `finetune.losses_for_batch` with the expression loss (alpha 1) at a reduced resolution, and
+project's own `objective.losses_for_batch` with the expression loss (alpha 1) at a reduced resolution, and
 its backward. It shows the paper profile's code path runs at SDXL's real size end to end; the numbers it
 prints are wall time and peak RSS on this machine, not a GPU projection (see sdxl_simulated.py for that).
 
@@ -30,7 +30,8 @@ def main(px: int = 256) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     from geneava.networks import poster
-    from geneava.stages.finetune import add_lora, losses_for_batch
+    from geneava.stages.finetune import add_lora
+    from geneava.stages.objective import losses_for_batch
 
     torch.manual_seed(0)
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ step and of generation, what fits on a 24, 48 and 80 GB GPU, and the GPU-hours o
 SDXL base 1.0's UNet, VAE and text encoders are built from their published configurations
 (benchmarks/sdxl-base-1.0/) and POSTER at full size, on the meta device; LoRA rank 4 is attached with the
 project's own `finetune.add_lora`; every parameter, buffer and input then becomes a fake tensor (torch's
-FakeTensorMode: shapes, dtypes and storages without data). The project's own `finetune.losses_for_batch`
+FakeTensorMode: shapes, dtypes and storages without data). The project's own `objective.losses_for_batch`
 runs one batch at the paper profile's size (VAE encode, noise, UNet, L_dm; for alpha > 0 the fp32 x̂0
 decode and POSTER's L_exp), then its backward and an AdamW step, as `finetune.finetune` does. Generation:
 one classifier-free-guidance UNet call at generate.paper.batch_size, and the fp32 VAE decode of one
@@ -187,13 +187,15 @@ def _measure(existing, fn) -> dict:
     return {"weights": peak.start, "peak": peak.peak, "end": peak.live, "flops": total, "fp32": flops.fp32}
 
 
-def train_step(alpha: float, checkpointing: bool, attn: str, px: int, batch: int) -> dict:
-    """One batch through finetune.losses_for_batch, its backward and an AdamW step, as the paper runs it.
+def train_step(
+    alpha: float, checkpointing: bool, attn: str, px: int, batch: int, exp_decode: str = "full"
+) -> dict:
+    """One batch through objective.losses_for_batch, its backward and an AdamW step, as the paper runs it.
     Resident: UNet (fp16) + LoRA (fp32), VAE and POSTER (fp32), both text encoders (fp16: finetune embeds
     the captions once and keeps them on the device)."""
     from diffusers import DDPMScheduler
 
-    from geneava.stages.finetune import losses_for_batch
+    from geneava.stages.objective import losses_for_batch
 
     m = meta_models(lora=True, checkpointing=checkpointing)
     scheduler = DDPMScheduler.from_config(config("scheduler"))
@@ -218,8 +220,9 @@ def train_step(alpha: float, checkpointing: bool, attn: str, px: int, batch: int
 
         def step():
             loss = losses_for_batch(
-                m["unet"], m["vae"], m["poster"], scheduler, *inputs, alpha, px, torch.Generator()
-            )[0]
+                m["unet"], m["vae"], m["poster"], scheduler, *inputs, alpha, px, torch.Generator(),
+                exp_decode=exp_decode,
+            )[0]  # fmt: skip
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -60,6 +60,8 @@ def _raw():
         (("prompts", "default", "races"), ["White", "White"], "prompts.default.races"),
         (("models", "default", "dtype"), "float8", "models.default.dtype"),
         (("finetune", "default", "lr"), "fast", "finetune.default.lr"),
+        (("finetune", "default", "exp_decode"), "quarter", "finetune.default.exp_decode"),
+        (("finetune", "paper", "exp_crop"), 0.0, "finetune.paper.exp_crop"),
         (("memorization", "default", "identity"), "facenet", "memorization.default.identity"),
         (("prompts", "default", "negative"), None, "prompts.default.negative"),
         (("world", "default", "base_steps"), 0, "world.default.base_steps"),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -13,10 +14,11 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from geneava.core import prompts
+from geneava.core import emo135, prompts
 from geneava.core.images import read_split
 from geneava.networks import models
-from geneava.stages import finetune, validation
+from geneava.stages import finetune, objective, validation
+from geneava.world import standin
 
 from .conftest import ROOT
 
@@ -43,7 +45,7 @@ def _step(parts, alpha):
     pipe, encoder, sched, pixels, embeds, pooled = parts
     pipe.unet.zero_grad()
     real = encoder.embed(pixels).detach()
-    losses = finetune.losses_for_batch(
+    losses = objective.losses_for_batch(
         pipe.unet,
         pipe.vae,
         encoder,
@@ -80,11 +82,85 @@ def test_cached_latents_draw_what_the_encode_draws(parts):
     args = (pipe.unet, pipe.vae, encoder, sched)
     rest = (embeds, pooled, real, 1.0, 64)
     with torch.no_grad():
-        encoded = finetune.losses_for_batch(*args, pixels, *rest, torch.Generator().manual_seed(3))
-        cached = finetune.losses_for_batch(*args, None, *rest, torch.Generator().manual_seed(3), moments)
-        other = finetune.losses_for_batch(*args, None, *rest, torch.Generator().manual_seed(4), moments)
+        encoded = objective.losses_for_batch(*args, pixels, *rest, torch.Generator().manual_seed(3))
+        cached = objective.losses_for_batch(*args, None, *rest, torch.Generator().manual_seed(3), moments)
+        other = objective.losses_for_batch(*args, None, *rest, torch.Generator().manual_seed(4), moments)
     assert all(torch.equal(a, b) for a, b in zip(encoded, cached, strict=True))
     assert not torch.equal(encoded[0], other[0])  # the draw matters: the test would see a wrong one
+
+
+def test_windows_are_central_and_at_least_one_cell():
+    assert objective.centre_window(16, 0.75) == (2, 12)  # the world's latent: pixels 8..56 of 64
+    assert objective.centre_window(128, 0.75) == (16, 96)  # SDXL at 1024 px: 768 px decoded
+    assert objective.centre_window(5, 0.01) == (2, 1) and objective.centre_window(8, 1.0) == (0, 8)
+
+
+@pytest.mark.parametrize("how", ["half", "crop"])
+def test_lean_decodes_change_only_the_expression_term(parts, how):
+    """Same draws, same L_dm; L_exp sees another view of x̂_0 and still reaches the LoRA."""
+    pipe, encoder, sched, pixels, embeds, pooled = parts
+    factor = objective.vae_factor(pipe.vae)
+    out = {}
+    for mode in ("full", how):
+        pipe.unet.zero_grad()
+        real = encoder.embed(objective.real_view(pixels, factor, mode, 0.5)).detach()
+        losses = objective.losses_for_batch(
+            pipe.unet, pipe.vae, encoder, sched, pixels, embeds, pooled, real, 1.0, 64,
+            torch.Generator().manual_seed(3), exp_decode=mode, exp_crop=0.5,
+        )  # fmt: skip
+        losses[0].backward()
+        grads = torch.cat([p.grad.flatten() for p in pipe.unet.parameters() if p.grad is not None])
+        out[mode] = ([x.item() for x in losses], grads)
+    (_, dm_full, exp_full), g_full = out["full"]
+    (_, dm, exp), g = out[how]
+    assert dm == dm_full and exp > 0 and exp != exp_full
+    assert torch.isfinite(g).all() and g.abs().sum() > 0 and not torch.allclose(g, g_full)
+
+
+def _shifted_error(a: torch.Tensor, b: torch.Tensor, dy: int, dx: int) -> float:
+    """Mean |a - b| over their overlap with `a` moved by (dy, dx) pixels against `b`."""
+    h, w = a.shape[-2:]
+    ya, xa = slice(max(dy, 0), h + min(dy, 0)), slice(max(dx, 0), w + min(dx, 0))
+    yb, xb = slice(max(-dy, 0), h + min(-dy, 0)), slice(max(-dx, 0), w + min(-dx, 0))
+    return float((a[..., ya, xa] - b[..., yb, xb]).abs().mean())
+
+
+@pytest.mark.parametrize("how", ["full", "half", "crop"])
+def test_the_real_view_is_what_the_decoded_window_covers(how):
+    """The world's VAE decodes its latent window back onto the pixels real_view cuts: of every placement
+    within a latent cell (4 px) either way, the decode matches the real view best where real_view puts it.
+    `half` decodes ẑ_0 pooled 2x and compares with the real image whole (POSTER resizes both to its
+    input), so its check is the shapes: the world's VAE, trained at full scale, decodes pooled latents
+    too blurred for a placement test (measured: neighbouring placements within 6% of each other)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(ROOT / "models/world/sdxl/vae")
+    faces = [standin.render_face(standin.sample_attributes(c, 0)) for c in emo135.classes()[::40]]
+    pixels = torch.stack(
+        [torch.from_numpy(np.asarray(f, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for f in faces]
+    )
+    factor = objective.vae_factor(vae)
+    with torch.no_grad():
+        z0 = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        decoded = objective.decoded_view(vae, z0, how, 0.75)
+    real = objective.real_view(pixels, factor, how, 0.75)
+    assert decoded.shape[-2:] == (({"full": 64, "half": 32, "crop": 48}[how],) * 2)
+    assert real.shape[-2:] == ((48, 48) if how == "crop" else (64, 64))  # half: POSTER sees x_0 whole
+    if how == "half":
+        assert torch.equal(real, pixels)
+        return
+    errors = {
+        (dy, dx): _shifted_error(decoded, real, dy, dx)
+        for dy in range(-factor, factor + 1)
+        for dx in range(-factor, factor + 1)
+    }
+    assert min(errors, key=errors.get) == (0, 0), sorted(errors.items(), key=lambda kv: kv[1])[:3]
+
+
+def test_an_unknown_decode_is_named(parts):
+    pipe = parts[0]
+    with pytest.raises(ValueError, match="exp_decode 'quarter' is not one of full, half, crop"):
+        objective.decoded_view(pipe.vae, torch.zeros(1, 4, 8, 8), "quarter")
 
 
 def test_no_gradient_reaches_frozen_models(parts):
@@ -100,7 +176,7 @@ def test_x0_reconstruction_is_exact_with_the_true_noise(parts):
     noise = torch.randn_like(z0)
     t = torch.tensor([0, 10, 500, 999])
     z_t = sched.add_noise(z0, noise, t)
-    assert torch.allclose(finetune.predict_z0(z_t, noise, sched.alphas_cumprod, t), z0, atol=1e-3, rtol=1e-4)
+    assert torch.allclose(objective.predict_z0(z_t, noise, sched.alphas_cumprod, t), z0, atol=1e-3, rtol=1e-4)
 
 
 def test_saved_lora_loads_into_a_fresh_stock_pipeline(parts, default, tmp_path):
@@ -374,13 +450,21 @@ def test_cached_latents_train_the_same_lora(prepared, default, tmp_path, monkeyp
     assert la["loss"].tolist() == pytest.approx(lb["loss"].tolist(), rel=1e-5)
 
 
-def test_checkpoints_of_other_settings_are_not_resumed(prepared, tmp_path, default):
+def _batches_run(monkeypatch) -> list:
+    """Records each micro-batch the stage trains on (a resumed run trains only those after its checkpoint)."""
+    calls, real = [], finetune.losses_for_batch
+    monkeypatch.setattr(finetune, "losses_for_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(prepared, tmp_path, default, monkeypatch):
     base = dict(default["finetune"], max_train_steps=4, checkpoint_every=2)
     finetune.finetune(default["models"], default["prompts"], base, prepared, tmp_path, 64)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
+    calls = _batches_run(monkeypatch)
     other = dict(base, lr=3e-4)
     history = finetune.finetune(default["models"], default["prompts"], other, prepared, tmp_path, 64)
-    assert list(history["step"]) == [1, 2, 3, 4]  # started from scratch
+    assert list(history["step"]) == [1, 2, 3, 4] and len(calls) == 4  # started from scratch
 
 
 def test_checkpoints_of_a_base_retrained_in_place_are_not_resumed(prepared, tmp_path, default, monkeypatch):
@@ -388,8 +472,23 @@ def test_checkpoints_of_a_base_retrained_in_place_are_not_resumed(prepared, tmp_
     finetune.finetune(default["models"], default["prompts"], base, prepared, tmp_path, 64)
     real = finetune.source_fingerprint
     monkeypatch.setattr(finetune, "source_fingerprint", lambda s: real(s) + "-retrained")
+    calls = _batches_run(monkeypatch)
     history = finetune.finetune(default["models"], default["prompts"], base, prepared, tmp_path, 64)
-    assert list(history["step"]) == [1, 2, 3, 4]  # same path, other weights: started from scratch
+    assert list(history["step"]) == [1, 2, 3, 4] and len(calls) == 4  # other weights: from scratch
+
+
+def test_only_settings_that_change_the_weights_discard_checkpoints(prepared, tmp_path, default, monkeypatch):
+    base = dict(default["finetune"], max_train_steps=4, checkpoint_every=2, exp_decode="full")
+    finetune.finetune(default["models"], default["prompts"], base, prepared, tmp_path, 64)
+    calls = _batches_run(monkeypatch)
+    finetune.finetune(default["models"], default["prompts"], dict(base, exp_crop=0.5), prepared, tmp_path, 64)
+    assert len(calls) == 2  # the full decode never reads exp_crop: resumed at step 2
+    calls.clear()
+    crop = dict(base, exp_decode="crop", exp_crop=0.5)
+    finetune.finetune(default["models"], default["prompts"], crop, prepared, tmp_path, 64)
+    assert len(calls) == 4  # a lean decode trains other weights: from scratch
+    assert objective.key_settings(dict(base, exp_crop=0.5)) == objective.key_settings(base)
+    assert "exp_decode" not in objective.key_settings(base)  # keys made before the option still match
 
 
 @pytest.mark.e2e

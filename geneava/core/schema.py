@@ -12,6 +12,7 @@ PROFILES = ("default", "paper")
 # The names each choice accepts, defined once: the module named beside each builds them.
 STYLIZERS = ("cartoon", "dctnet", "sdxl_img2img", "passthrough")  # geneava.networks.stylizers
 SAMPLERS = ("euler", "dpmpp_2m", "unipc")  # geneava.networks.models.SAMPLERS
+EXP_DECODES = ("full", "half", "crop")  # geneava.stages.objective: how much of ẑ_0 L_exp decodes
 DETECTORS = ("auto", "retinaface", "dlib")  # geneava.networks.faces (also tiny, a RetinaFace checkpoint)
 IDENTITY_MODELS = ("auto", "arcface", "sface", "dlib")  # geneava.networks.identity (+ .safetensors network)
 DETECTOR_READERS = ("prepare", "generate", "evaluate")  # stages that find faces: they read `detector`
@@ -222,6 +223,8 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "resume": boolean,
         "num_processes": integer(1),
         "cache_latents": boolean,  # encode each image's latent distribution once (kohya's cache_latents)
+        "exp_decode": text(EXP_DECODES),  # how much of ẑ_0 L_exp decodes (stages/objective.py)
+        "exp_crop": number(0.1, 1.0),  # exp_decode: crop: the central share of ẑ_0 on each side
         "validation_every": integer(1, optional=True),  # steps between validation images; null: none
         "validation_expressions": text_list(1),  # one validation image per expression
         "validation_steps": integer(1),  # sampling steps of a validation image

@@ -19,10 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import StableDiffusionXLPipeline
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -35,6 +33,7 @@ from geneava.core.images import load_images, read_split
 from geneava.core.io import sha256_file, source_fingerprint, write_csv, write_json
 from geneava.networks import models
 from geneava.stages import lora_export, validation
+from geneava.stages.objective import key_settings, losses_for_batch, real_view, vae_factor
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +60,6 @@ def prepare_for_training(pipe, rank: int) -> list[torch.nn.Parameter]:
     return add_lora(pipe.unet, rank)
 
 
-def time_ids(resolution: int, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """SDXL's micro-conditioning: (original h, w, crop top, left, target h, w); images are uncropped."""
-    ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device, dtype=dtype)
-    return ids.repeat(batch, 1)
-
-
-def predict_z0(
-    z_t: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor
-) -> torch.Tensor:
-    """One-step estimate of the clean latent (paper): ẑ_0 = (z_t − √(1−ᾱ_t)·ε_θ) / √ᾱ_t."""
-    a = alphas_cumprod.to(z_t.device)[t].float().view(-1, 1, 1, 1)
-    return (z_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()
-
-
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
     """This process's micro-batches of epoch `epoch`: a (seed, epoch)-seeded permutation, sharded so
     every process gets the same number of batches (DDP steps in lock-step)."""
@@ -89,60 +74,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
 def micro_generator(seed: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
     key = hashlib.sha256(f"{seed}:{micro}:{rank}".encode()).digest()
     return torch.Generator(device).manual_seed(int.from_bytes(key[:8], "little") >> 1)
-
-
-def losses_for_batch(
-    unet,
-    vae,
-    encoder,
-    noise_scheduler,
-    pixels,
-    prompt_embeds,
-    pooled_embeds,
-    real_embeds,
-    alpha: float,
-    resolution: int,
-    g: torch.Generator,
-    moments: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L, L_dm, L_exp) for one batch of images in [-1, 1]; all randomness drawn from `g`. With `moments`
-    (the images' cached latent distributions, `cache_latents`), `pixels` may be None: the latent is drawn
-    from the cached mean and variance with the same draw from `g` the VAE encode would have made."""
-    device = prompt_embeds.device
-    with torch.no_grad():
-        dist = (
-            DiagonalGaussianDistribution(moments)
-            if moments is not None
-            else vae.encode(pixels.float()).latent_dist
-        )
-        latents = dist.sample(generator=g)
-        latents = (latents * vae.config.scaling_factor).to(prompt_embeds.dtype)
-    noise = torch.randn(latents.shape, generator=g, device=device, dtype=latents.dtype)
-    t = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=g, device=device
-    )
-    # z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε
-    z_t = noise_scheduler.add_noise(latents, noise, t)
-    eps = unet(
-        z_t,
-        t,
-        encoder_hidden_states=prompt_embeds,
-        added_cond_kwargs={
-            "text_embeds": pooled_embeds,
-            "time_ids": time_ids(resolution, len(latents), device, prompt_embeds.dtype),
-        },
-    ).sample
-    # L_dm = ‖ε − ε_θ(z_t, t, τ(p))‖²
-    loss_dm = F.mse_loss(eps.float(), noise.float())
-    loss_exp = torch.zeros((), device=device)
-    if alpha > 0:
-        # x̂_0 = D((z_t − √(1−ᾱ_t)·ε_θ) / √ᾱ_t) and L_exp = MSE(E_exp(x_0), E_exp(x̂_0)); the decode
-        # runs in fp32 even under mixed precision, and the gradient flows through D and E_exp to ε_θ.
-        with torch.autocast(device.type, enabled=False):
-            z0 = predict_z0(z_t, eps, noise_scheduler.alphas_cumprod, t)
-            x0_hat = vae.decode(z0 / vae.config.scaling_factor).sample
-            loss_exp = F.mse_loss(encoder.embed(x0_hat), real_embeds)
-    return loss_dm + alpha * loss_exp, loss_dm, loss_exp
 
 
 def save_lora(unet, lora_dir: Path) -> Path:
@@ -182,7 +113,7 @@ def finetune(
     pipe, encoder = training_models(model_params, prompt_params, params, device)
     unet, vae, noise_scheduler = pipe.unet, pipe.vae, models.training_scheduler(pipe)
     rows, caption_of, prompt_embeds, pooled_embeds, real_embeds = training_data(
-        pipe, encoder, prompt_params, prepare_dir, resolution, alpha, device
+        pipe, encoder, prompt_params, prepare_dir, resolution, params, device
     )
     moments = cached_moments(vae, list(rows["path"]), resolution, device) if params["cache_latents"] else None
     paths = list(rows["path"])
@@ -203,7 +134,8 @@ def finetune(
     total = params["max_train_steps"] or params["epochs"] * per_epoch
     # the weights behind the model paths too: a base retrained in place never resumes old checkpoints
     weights = [source_fingerprint(model_params[k]) for k in ("sdxl", "expression")]
-    trains = {k: v for k, v in params.items() if k not in validation.KEYS}  # what can change the weights
+    # what can change the weights
+    trains = key_settings({k: v for k, v in params.items() if k not in validation.KEYS})
     run_id = checkpoints.fingerprint(
         model_params, prompt_params, trains, resolution, world, list(rows["sha256"]), weights
     )
@@ -249,6 +181,8 @@ def finetune(
                     resolution,
                     g,
                     cached,
+                    params["exp_decode"],
+                    params["exp_crop"],
                 )
                 accelerator.backward(loss)
                 optimizer.step()
@@ -310,11 +244,10 @@ def training_models(model_params: dict, prompt_params: dict, params: dict, devic
     return pipe, encoder
 
 
-def training_data(
-    pipe, encoder, prompt_params: dict, prepare_dir: Path, resolution: int, alpha: float, device
-):
+def training_data(pipe, encoder, prompt_params: dict, prepare_dir: Path, resolution: int, params, device):
     """The fine-tuning split, each row's caption index, the captions embedded once per class, and (alpha >
-    0) the real images' expression embeddings E_exp(x_0), once per image: both are fixed in training."""
+    0) the real images' expression embeddings E_exp(x_0) (of the view `exp_decode` compares), once per
+    image: both are fixed in training."""
     rows = read_split(prepare_dir, "finetune")
     if rows.empty:
         raise ParamsError(f"no fine-tuning images in {prepare_dir}; check prepare.*.finetune_per_class")
@@ -328,9 +261,16 @@ def training_data(
             do_classifier_free_guidance=False,
         )
         real_embeds = None
-        if alpha > 0:  # computed in batches
+        if params["alpha"] > 0:  # computed in batches
             chunks = [paths[i : i + 16] for i in range(0, len(paths), 16)]
-            real_embeds = torch.cat([encoder.embed(load_images(c, resolution).to(device)) for c in chunks])
+            view = {
+                "factor": vae_factor(pipe.vae),
+                "exp_decode": params["exp_decode"],
+                "exp_crop": params["exp_crop"],
+            }
+            real_embeds = torch.cat(
+                [encoder.embed(real_view(load_images(c, resolution).to(device), **view)) for c in chunks]
+            )
     return rows, caption_of, prompt_embeds, pooled_embeds, real_embeds
 
 

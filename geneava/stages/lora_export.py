@@ -89,6 +89,10 @@ def model_card(
     )
     keys = ("rank", "lr", "epochs", "batch_size", "alpha", "seed", "mixed_precision")
     trained = {k: params[k] for k in keys}
+    if params.get("exp_decode", "full") != "full":  # a lean expression loss, not the paper's (objective.py)
+        trained.update(
+            {k: params[k] for k in ("exp_decode", "exp_crop")[: 1 + (params["exp_decode"] == "crop")]}
+        )
     lines = [
         "---",
         f"base_model: {base}",
