@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import numpy as np
 import pandas as pd
 
@@ -60,6 +63,52 @@ def test_ensure_never_overwrites(tmp_path):
     assert dataset.main([str(tmp_path), "--ensure"]) == 0
     assert sorted(p.name for p in (tmp_path / "emo135").iterdir()) == ["joy"]
     assert (real / "mine.jpg").read_bytes() == b"user data"
+
+
+def test_faces_leave_room_in_the_frame():
+    """Every stand-in face's box keeps a tenth of the frame free on each side (the first world's filled
+    0.88 of the height, and a fine-tuned model's pixel of drift put faces past QC's frame)."""
+    boxes = np.array([standin.landmarks(standin.sample_attributes(c, i))[0] for c in emo135.classes()
+                      for i in range(48)])  # fmt: skip
+    assert boxes[:, :2].min() >= 0.1 and boxes[:, 2:].max() <= 0.9
+    height = boxes[:, 3] - boxes[:, 1]
+    assert 0.6 < height.mean() < 0.75  # still most of the frame: POSTER and ArcFace read the faces
+
+
+def test_ensure_draws_a_standin_of_other_code_again(tmp_path, monkeypatch):
+    """A checkout from before a drawing change (FACE_SCALE, say) keeps data/ from its own code: `ensure`
+    sees from the marker that the stand-in is stale and draws it and the pairs again; a fresh one stays."""
+    dataset.ensure(tmp_path, per_class=1)
+    marker = json.loads((tmp_path / dataset.MARKER).read_text())
+    assert marker == {"drawing": standin.drawing_fingerprint(), "per_class": 1, "size": standin.DEFAULT_SIZE}
+    face, pair = tmp_path / "emo135/joy/joy_000.png", tmp_path / "pairs/identity/0000_a.png"
+    drawn = face.read_bytes(), pair.read_bytes()
+    for f in (face, pair):
+        f.write_bytes(b"edited")
+    dataset.ensure(tmp_path, per_class=1)
+    assert face.read_bytes() == pair.read_bytes() == b"edited"  # fresh: left as it is
+    monkeypatch.setattr(dataset, "drawing_fingerprint", lambda: "other code")
+    dataset.ensure(tmp_path, per_class=1)
+    assert (face.read_bytes(), pair.read_bytes()) == drawn
+    assert json.loads((tmp_path / dataset.MARKER).read_text())["drawing"] == "other code"
+    (tmp_path / dataset.MARKER).unlink()  # a stand-in from before markers, or a run killed before its marker
+    face.write_bytes(b"edited")
+    dataset.ensure(tmp_path, per_class=1)
+    assert face.read_bytes() == drawn[0]
+    dataset.ensure(tmp_path, per_class=2)  # other settings: drawn again too
+    assert len(list((tmp_path / "emo135/joy").glob("*.png"))) == 2
+
+
+def test_ensure_never_touches_real_data_beside_a_leftover_attributes_table(tmp_path):
+    """prepare.md's recipe for real Emo135 replaces data/emo135 and may leave the stand-in's table."""
+    dataset.ensure(tmp_path, per_class=1)
+    (tmp_path / dataset.MARKER).unlink()  # as if drawn before markers: stale, were it the stand-in
+    shutil.rmtree(tmp_path / "emo135")
+    (tmp_path / "emo135" / "joy").mkdir(parents=True)
+    (tmp_path / "emo135" / "joy" / "real.jpg").write_bytes(b"a real face")
+    dataset.ensure(tmp_path, per_class=1)
+    assert [p.name for p in (tmp_path / "emo135").rglob("*") if p.is_file()] == ["real.jpg"]
+    assert not (tmp_path / dataset.MARKER).exists()
 
 
 def test_people_carry_the_prompt_groups():

@@ -103,6 +103,14 @@ def test_a_rerun_skips_finished_phases_and_a_new_setting_retrains_only_its_phase
     assert ran == ["world ArcFace"]
 
 
+def test_a_new_drawing_retrains_every_phase(prompt_params, monkeypatch):
+    """The phases train on rendered faces: drawn differently (the framing, say), none is reused."""
+    before = world.phase_keys(TINY, prompt_params)
+    monkeypatch.setattr(standin, "drawing_fingerprint", lambda: "drawn otherwise")
+    after = world.phase_keys(TINY, prompt_params)
+    assert before.keys() == after.keys() and all(before[k] != after[k] for k in before)
+
+
 def test_base_model_sees_fine_words_but_only_coarse_faces(prompt_params):
     """SDXL's analogue: captions name one of 135 fine words ("delight"), the face shows its primary's coarse
     expression; with `primary` captions only the six primary words occur. The images are the same."""

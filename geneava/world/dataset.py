@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import os
 import shutil
@@ -22,13 +23,14 @@ import numpy as np
 from PIL import Image
 
 from geneava.core import emo135
-from geneava.core.io import temp_dir
+from geneava.core.io import temp_dir, write_json
 from geneava.world.standin import (
     DEFAULT_SIZE,
     EXPRESSION_FIELDS,
     IDENTITY_FIELDS,
     _expression_dict,
     class_expression,
+    drawing_fingerprint,
     render_face,
     render_hard_case,
     sample_attributes,
@@ -45,6 +47,7 @@ DEFAULT_PER_CLASS = 48  # dlib misses up to 3 in 4 of the most extreme expressio
 # sparser planting was never reached with a detector that misses no real face.
 HARD_CASES = ((1, 6, "empty"), (1, 7, "pair"), (9, 8, "copy"))
 ATTRIBUTES_FILE = "standin_attributes.csv"
+MARKER = "standin.json"  # how the stand-in in this folder was drawn (ensure: drawn again when it differs)
 PAIRS = "pairs"  # the world's labelled pairs (write_pairs)
 IDENTITY_PAIRS = 60  # same/different identity pairs: memorization's derived threshold
 EXPRESSION_PAIRS = 150  # face/other-expression pairs: stylize's derived expression threshold
@@ -189,14 +192,45 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not (args.ensure and (args.root / "emo135").exists()):
-        write_standin(args.root, args.per_class, args.size)
-    else:
-        log.info("%s exists; leaving it as it is", args.root / "emo135")
-    if not (args.ensure and (args.root / PAIRS).exists()):
-        write_pairs(args.root)
+    ensure(args.root, args.per_class, args.size, keep=args.ensure)
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def ensure(
+    root: Path, per_class: int = DEFAULT_PER_CLASS, size: int = DEFAULT_SIZE, keep: bool = True
+) -> None:
+    """Render the stand-in and the pairs into `root`. With `keep`, leave what exists, unless it is this
+    project's stand-in drawn by other code or settings (MARKER differs, e.g. a checkout from before the
+    world's framing changed): that is drawn again. Data that is not the stand-in (a real Emo135, even
+    beside a leftover ATTRIBUTES_FILE) is never touched."""
+    root = Path(root)
+    drawn = {"drawing": drawing_fingerprint(), "per_class": per_class, "size": size}
+    marker = root / MARKER
+    stale = is_standin(root) and (not marker.is_file() or json.loads(marker.read_text()) != drawn)
+    if stale and keep:
+        log.warning(
+            "%s is the stand-in drawn by other code or settings than %s; drawing it again", root, drawn
+        )
+    todo = [name for name in ("emo135", PAIRS) if not (keep and (root / name).exists() and not stale)]
+    for name in [n for n in ("emo135", PAIRS) if n not in todo]:
+        log.info("%s exists; leaving it as it is", root / name)
+    if todo:
+        marker.unlink(missing_ok=True)  # until all is drawn: a run killed on the way draws it again
+    if "emo135" in todo:
+        write_standin(root, per_class, size)
+    if PAIRS in todo:
+        write_pairs(root)
+    if todo and is_standin(root):
+        write_json(marker, drawn)
+
+
+def is_standin(root: Path) -> bool:
+    """`root/emo135` holds exactly the files `root/ATTRIBUTES_FILE` lists: the stand-in, not a real Emo135
+    copied over it."""
+    table = Path(root) / ATTRIBUTES_FILE
+    if not table.is_file() or not (Path(root) / "emo135").is_dir():
+        return False
+    with open(table, newline="") as f:
+        listed = {row["file"] for row in csv.DictReader(f)}
+    present = {p.relative_to(root).as_posix() for p in (Path(root) / "emo135").rglob("*") if p.is_file()}
+    return listed == present

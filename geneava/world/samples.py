@@ -123,10 +123,11 @@ def detection_samples(
     n: int, seed: int, size: int, scenes: float = 0.0
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Face-detection data: `size`-px canvases with no face (10%; a share `scenes` of them a scene with
-    trees and buildings, `standin.render_scene`, the rest a blank wall), one (75%: 0.55-1.35 of the
-    frame, off centre, so some are cut by the frame as a too-close face is) or two side by side (15%), of
-    new people under any class's expression, slightly blurred. Returns uint8 images and per image
-    the faces' boxes (k, 4) and landmarks (k, 5, 2) in pixels (`standin.landmarks`)."""
+    trees and buildings, `standin.render_scene`, the rest a blank wall), one (75%: a face of about
+    0.47-1.17 of the frame, off centre, so some are cut by the frame as a too-close face is) or two side
+    by side (15%; faces of about 0.26-0.35 of the frame), of new people under any class's expression,
+    slightly blurred. Returns uint8 images and per image the faces' boxes (k, 4) and landmarks (k, 5, 2)
+    in pixels (`standin.landmarks`)."""
     rng = np.random.default_rng([41, seed])
     classes = emo135.classes()
     images, boxes, points = [], [], []
@@ -143,7 +144,8 @@ def detection_samples(
             )
             a = {**standin.sample_identity(rng), **standin._expression_dict(standin._clip_expression(expr))}
             if count == 1:
-                side = round(size * rng.uniform(0.55, 1.35))
+                # renders of 0.69-1.69 of the frame: faces of about 0.47-1.17 of it, some cut by the frame
+                side = round(size * rng.uniform(0.55, 1.35) / standin.FACE_SCALE)
                 x, y = ((size - side) / 2 + rng.uniform(-0.2, 0.2, 2) * size).round().astype(int)
             else:
                 side = round(size * rng.uniform(0.38, 0.5))

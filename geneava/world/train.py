@@ -83,9 +83,13 @@ def _trained_vae(out_dir: Path):
 
 
 def phase_keys(params: dict, prompt_params: dict) -> dict[str, str]:
-    """Each phase's fingerprint, of the settings it reads: changing one phase's settings retrains only it
-    (and a new VAE or new prompts mean a new base model)."""
-    common = {k: params[k] for k in ("seed", "size", "batch_size", "lr")}
+    """Each phase's fingerprint, of the settings it reads and of how the world draws faces: changing one
+    phase's settings retrains only it (and a new VAE or new prompts mean a new base model)."""
+    # every phase trains on rendered faces: a change to the drawing retrains them all
+    common = {
+        **{k: params[k] for k in ("seed", "size", "batch_size", "lr")},
+        "drawing": standin.drawing_fingerprint(),
+    }
     own = {
         "vae": ("pool", "vae_steps", "vae_kl"),
         "base": ("pool", "base_steps", "caption_dropout", "base_captions"),
