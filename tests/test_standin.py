@@ -1,5 +1,7 @@
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -131,3 +133,12 @@ def test_people_carry_the_prompt_groups():
     b = {**person, **standin._expression_dict(standin.coarse_expression("anger"))}
     assert np.asarray(standin.render_face(a)).tolist() != np.asarray(standin.render_face(b)).tolist()
     assert np.asarray(standin.render_face(a)).tolist() == np.asarray(standin.render_face(dict(a))).tolist()
+
+
+def test_the_module_is_the_command_make_repro_runs():
+    """`make repro` runs `python -m geneava.world.dataset --ensure data`: the module must run main()
+    (an edit once left it without its `__main__` guard, and a fresh clone drew nothing)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "geneava.world.dataset", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--ensure" in out.stdout

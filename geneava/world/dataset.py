@@ -234,3 +234,7 @@ def is_standin(root: Path) -> bool:
         listed = {row["file"] for row in csv.DictReader(f)}
     present = {p.relative_to(root).as_posix() for p in (Path(root) / "emo135").rglob("*") if p.is_file()}
     return listed == present
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
