@@ -230,12 +230,13 @@ def _records(out: Path) -> list[dict]:
 
 def test_sigkill_at_any_point_then_resume_is_bit_identical(trained, tmp_path):
     """Killed at random points, during QC retries among them; each resumed run ends with exactly the
-    files of an uninterrupted run, byte for byte, and nothing left behind. (QC at a 4% border fails half
-    of these rows at first, so rows wait for retries in later rounds.)"""
+    files of an uninterrupted run, byte for byte, and nothing left behind. (The world's faces keep about
+    0.13-0.2 of the frame free above and below; QC at a 15.5% border fails many of these rows at first,
+    so rows wait for retries in later rounds.)"""
     import random
 
     params_file = _params_file(
-        tmp_path, limit=12, steps=4, batch_size=4, qc=True, qc_border=0.04, max_retries=2
+        tmp_path, limit=12, steps=4, batch_size=4, qc=True, qc_border=0.155, max_retries=2
     )
     whole = tmp_path / "whole"
     subprocess.run(_cmd(whole, trained / "lora", params_file), check=True, capture_output=True)

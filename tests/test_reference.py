@@ -204,7 +204,14 @@ def test_the_results_page_shows_each_number_from_its_metrics_file(tmp_path):
     shutil.copytree(ROOT / reference.REFERENCE, tmp_path / reference.REFERENCE)
     (tmp_path / results.WORLD_REPORT).parent.mkdir(parents=True)
     shutil.copy(ROOT / results.WORLD_REPORT, tmp_path / results.WORLD_REPORT)
+    # QC's failure reasons are keys only where a row failed; the reference run may have none, so one is
+    # written in: the page must show it, and follow it
+    gen = tmp_path / reference.REFERENCE / "outputs/generate/metrics.json"
+    data = json.loads(gen.read_text())
+    data["finetuned"]["qc"]["face too close"] = 3
+    gen.write_text(json.dumps(data))
     before = results.render(tmp_path)
+    assert "3 face too close" in before
     files = {
         str(p.relative_to(tmp_path / reference.REFERENCE / "outputs")): p
         for p in (tmp_path / reference.REFERENCE / "outputs").rglob("*.json")

@@ -67,6 +67,18 @@ def _licence(base: str) -> list[str]:
     return [f"The base model `{base}` is not SDXL base 1.0: check its own licence.", emo135]
 
 
+def _training_settings(params: dict) -> dict:
+    """The finetune settings the card records; a lean expression loss (objective.py) is named, the
+    paper's (exp_decode: full) is not."""
+    keys = ("rank", "lr", "epochs", "batch_size", "alpha", "seed", "mixed_precision")
+    trained = {k: params[k] for k in keys}
+    if params.get("exp_decode", "full") != "full":
+        trained["exp_decode"] = params["exp_decode"]
+        if params["exp_decode"] == "crop":
+            trained["exp_crop"] = params["exp_crop"]
+    return trained
+
+
 def model_card(
     model_params: dict,
     prompt_params: dict,
@@ -87,12 +99,7 @@ def model_card(
     example = prompt_params["template"].format(
         article="a", age="middle-aged", race="Indian", person="woman", expression="delight"
     )
-    keys = ("rank", "lr", "epochs", "batch_size", "alpha", "seed", "mixed_precision")
-    trained = {k: params[k] for k in keys}
-    if params.get("exp_decode", "full") != "full":  # a lean expression loss, not the paper's (objective.py)
-        trained.update(
-            {k: params[k] for k in ("exp_decode", "exp_crop")[: 1 + (params["exp_decode"] == "crop")]}
-        )
+    trained = _training_settings(params)
     lines = [
         "---",
         f"base_model: {base}",
