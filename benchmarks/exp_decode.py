@@ -43,6 +43,7 @@ CHOICES = ("full", "half", "crop")
 def simulate() -> dict:
     import sdxl_simulated as sim
 
+    sim._meta_autocast()  # the step opens autocast on the meta device, as sdxl_simulated's main allows
     counts = sim.paper_counts()
     out = {"px": counts["px"], "batch": counts["train_batch"], "cases": []}
     for checkpointing in (False, True):
