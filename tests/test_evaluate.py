@@ -4,6 +4,7 @@ the evaluation images of their own class, the "baseline" images copies of anothe
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -192,7 +193,8 @@ def test_other_variant_pairs_are_labelled_and_the_ablation_summary_reads_both(
     assert "GenEAva, α = 0 (no L_exp)" in table and "Δ fine-tuned − α = 0" in table
     assert "paper:" not in table  # the paper's rows belong beside fine-tuned vs baseline only
     delta = next(line for line in table.splitlines() if line.startswith("| Δ"))
-    assert all(c.strip()[0] in "+-" for c in delta.split("|")[2:-1])  # differences carry their sign
+    signed = re.compile(r"^[+-]\d+\.\d{4} \[[+-]\d+\.\d{4}, [+-]\d+\.\d{4}\]$")
+    assert all(signed.match(c.strip()) for c in delta.split("|")[2:-1]), delta  # differences carry a sign
     diff = results["vs_finetuned"]["result"]["per_class_pairs"]["difference"]["exp"]
     assert diff == first["result"]["per_class_pairs"]["difference"]["exp"]  # same images, same draws
     summary = ablation.summary_table(results, 1.0, 0.0)

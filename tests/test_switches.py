@@ -348,8 +348,7 @@ def test_vae_tiling_decodes_tiles_of_a_larger_image(default, trained, plain, tmp
     # VAEs). The world's VAE is trained at 64 px only; at 128 px its tiles come out with more contrast than
     # the whole image (measured 2026-12-05: mean distances 19 and 31 levels, as far as another seed's image
     # at 32), so the bound is on the picture's structure: each tiled image correlates with its untiled
-    # image pixel by pixel far more than another seed's image does (measured: 0.88 against 0.54). Tiles
-    # misplaced, or a seam blend gone wrong, would lose that.
+    # image pixel by pixel far more than another seed's image does (measured: 0.88 against 0.54).
     def corr(a, b):
         return np.corrcoef(a.ravel(), b.ravel())[0, 1]
 

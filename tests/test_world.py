@@ -111,6 +111,14 @@ def test_a_new_drawing_retrains_every_phase(prompt_params, monkeypatch):
     assert before.keys() == after.keys() and all(before[k] != after[k] for k in before)
 
 
+def test_the_drawing_fingerprint_follows_the_framing(monkeypatch):
+    """The key above is only as good as the fingerprint: a changed framing must change it."""
+    before = standin.drawing_fingerprint()
+    assert standin.drawing_fingerprint() == before  # the same drawing, the same digest
+    monkeypatch.setattr(standin, "FACE_SCALE", standin.FACE_SCALE * 0.9)
+    assert standin.drawing_fingerprint() != before
+
+
 def test_base_model_sees_fine_words_but_only_coarse_faces(prompt_params):
     """SDXL's analogue: captions name one of 135 fine words ("delight"), the face shows its primary's coarse
     expression; with `primary` captions only the six primary words occur. The images are the same."""
