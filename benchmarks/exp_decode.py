@@ -217,8 +217,9 @@ def evidence(outputs: Path, work: Path) -> dict:
 
 
 def table(record: dict) -> str:
-    def ci(d: dict, digits: int = 3) -> str:
-        return f"{d['mean']:+.{digits}f} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
+    def ci(d: dict, digits: int = 3, scale: float = 1) -> str:
+        m, lo, hi = (scale * d[k] for k in ("mean", "lo", "hi"))
+        return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
     lines = [
         "# exp_decode: full, half or crop (generated)",
@@ -259,12 +260,14 @@ def table(record: dict) -> str:
             "| exp_decode | gradient of | cosine per batch | cosine of the sums |",
             "|---|---|---|---|",
         ]
-        for k, v in g["per_batch_cosine"].items():
+        for k, v in sorted(g["per_batch_cosine"].items(), key=lambda kv: CHOICES.index(kv[0].split()[0])):
             how, term = k.split()
             name = "L_exp" if term == "exp" else "L = L_dm + L_exp"
             lines.append(f"| {how} | {name} | {ci(v)} | {g['summed_cosine'][k]:+.3f} |")
         full = g["step_seconds"]["full"]
-        steps = ", ".join(f"{h} {1000 * s:.0f} ms (x{s / full:.2f})" for h, s in g["step_seconds"].items())
+        steps = ", ".join(
+            f"{h} {1000 * g['step_seconds'][h]:.0f} ms (x{g['step_seconds'][h] / full:.2f})" for h in CHOICES
+        )
         lines += ["", f"CPU step (forward and backward, median): {steps}."]
     if "evidence" in record:
         e = record["evidence"]
@@ -276,24 +279,29 @@ def table(record: dict) -> str:
             " run's prompt rows rendered with it, Table 1 and recognition against the run's own baseline"
             " (fine-tuned - baseline, 95% bootstrap CIs). Holds: Exp. CI below 0 and recognition CI above 0.",
             "",
-            "| exp_decode | finetune (s) | QC kept | Exp. | CLIP | recognition | holds | LoRA = the run's |",
+            "| exp_decode | finetune (s) | QC kept | Exp. | CLIP | recognition (points) | holds"
+            " | LoRA = the run's |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in e["settings"]:
             d = r["difference"]
             lines.append(
                 f"| {r['exp_decode']} | {r['finetune_seconds']:.0f} | {r['qc_kept']} of {r['rows']} "
-                f"| {ci(d['exp'])} | {ci(d['clip'])} | {ci(r['recognition_difference'], 1)} "
+                f"| {ci(d['exp'])} | {ci(d['clip'], 4)} | {ci(r['recognition_difference'], 1, 100)} "
                 f"| {'yes' if r['holds'] else 'no'} | {'yes' if r['same_lora_as_run'] else 'no'} |"
             )
         if "cached_latents" in e:
             c, full = e["cached_latents"], e["settings"][0]["finetune_seconds"]
+            d = c["lora_max_abs_difference"]
+            same = (
+                "is the encoded run's, bit for bit"
+                if d == 0
+                else f"differs from the encoded run's by at most {d:.1e} (the encoder sees other batches)"
+            )
             lines += [
                 "",
                 f"Cached latents (`cache_latents: true`, full decode): finetune {c['finetune_seconds']:.0f} s"
-                f" (x{c['finetune_seconds'] / full:.2f} of the encoded run's); the LoRA differs from the"
-                f" encoded run's by at most {c['lora_max_abs_difference']:.1e} (the encoder sees other"
-                " batches).",
+                f" (x{c['finetune_seconds'] / full:.2f} of the encoded run's); the LoRA {same}.",
             ]
     return "\n".join(lines) + "\n"
 
