@@ -200,7 +200,7 @@ def update(root: Path, repro_seconds: float | None = None) -> list[Path]:
             "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
             "profile": _profile(root),
-            # `make repro` from a fresh clone, venv included, when the maintainer timed it
+            # `make repro` from a fresh clone with empty package caches, venv included, when timed
             **({"repro_seconds": round(repro_seconds)} if repro_seconds else {}),
         },
     )

@@ -137,7 +137,10 @@ def render(root: Path) -> str:
     ]
     if machine.get("repro_seconds"):
         s = int(machine["repro_seconds"])
-        out.append(f"`make repro` from a fresh clone, venv included, took {s // 60} min {s % 60:02d} s.")
+        out.append(
+            f"`make repro` from a fresh clone with empty package caches, venv included, took "
+            f"{s // 60} min {s % 60:02d} s."
+        )
     out += [
         "`make compare` checks your run against these numbers: identical on the same machine and thread",
         f"count; elsewhere every estimate must fall inside the {level:.0%} intervals below.",
