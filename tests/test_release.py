@@ -109,6 +109,10 @@ def test_removal_lists_are_honoured_and_the_release_loads_with_datasets(tmp_path
     } <= set(train.column_names)
     card = (tmp_path / "release" / release.NAME / "README.md").read_text()
     assert "2 avatar/realistic pairs" in card and "memorization: 1" in card and "CreativeML" in card
+    fig = release.figure2(built["released"], tmp_path / "release" / release.NAME)
+    assert len([ax for ax in fig.axes if ax.images]) == 2 * 2  # two faces above their two avatars
+    labels = [t.get_text() for ax in fig.axes[:: len(fig.axes) // 2] for t in ax.texts]
+    assert labels == ["face (generated)", "avatar"]  # the rows say which is which
 
 
 def test_a_strict_balance_check_fails_the_stage_when_a_cell_is_off(tmp_path, release_params):

@@ -358,6 +358,8 @@ def figure2(released: pd.DataFrame, folder: Path, n: int = 8, save_to: Path | No
         axes[0, j].imshow(Image.open(Path(folder) / "train" / "realistic" / name))
         axes[0, j].set_title(f"{r['expression']}\n{r['race']}, {r['gender']}, {r['age']}", fontsize=6)
         axes[1, j].imshow(Image.open(Path(folder) / "train" / "avatars" / name))
+    for ax, label in zip(axes[:, 0], ("face (generated)", "avatar"), strict=True):
+        ax.text(-0.06, 0.5, label, transform=ax.transAxes, rotation=90, va="center", ha="right", fontsize=7)
     fig.tight_layout()
     if save_to:
         fig.savefig(save_to, dpi=120)
