@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from datetime import date
@@ -36,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import provenance  # noqa: E402  (benchmarks/, on the path above)
+
 RESULTS = ROOT / "benchmarks/exp_decode"
 CHOICES = ("full", "half", "crop")
 
@@ -331,10 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         record["gradients"] = {"date": today, **gradients(args.outputs, args.gradients, args.steps)}
     if args.evidence:
         record["evidence"] = {"date": today, **evidence(args.outputs, args.work)}
-    commit = subprocess.run(
-        ["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True, text=True
-    )
-    record.update(commit=commit.stdout.strip(), cpus=os.cpu_count())
+    record.update(commit=provenance.commit(), cpus=os.cpu_count())
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "record.json", record)
     atomic_write_text(RESULTS / "table.md", table(record))

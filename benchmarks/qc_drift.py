@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import subprocess
 import sys
 import tempfile
 from datetime import date
@@ -31,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import provenance  # noqa: E402  (benchmarks/, on the path above)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -214,12 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         print(step, {k: rows[-1][k] for k in ("rate", "face_height", "margin")}, flush=True)
 
     run_lora = args.run / "outputs" / "finetune" / "lora" / "pytorch_lora_weights.safetensors"
-    commit = subprocess.run(
-        ["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True, text=True
-    )
     record = {
         "date": date.today().isoformat(),
-        "commit": commit.stdout.strip(),
+        "commit": provenance.commit(),
         "alpha": args.alpha,
         "lr": sp["params"]["lr"],
         "train_steps": total,

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from datetime import date
@@ -27,6 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import provenance  # noqa: E402  (benchmarks/, on the path above)
+
 RESULTS = ROOT / "benchmarks/sampler"
 SETTINGS = "euler:20,euler:12,euler:10,euler:8,dpmpp_2m:10,dpmpp_2m:8,unipc:10,unipc:8"
 
@@ -109,12 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         sampler, steps = item.split(":")
         settings.append(one(args.outputs, args.work, sampler, int(steps)))
         print(json.dumps(settings[-1]), flush=True)
-    commit = subprocess.run(
-        ["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True, text=True
-    )
     record = {
         "date": date.today().isoformat(),
-        "commit": commit.stdout.strip(),
+        "commit": provenance.commit(),
         "cpus": os.cpu_count(),
         "rows": settings[0]["rows"],
         "settings": settings,
