@@ -104,11 +104,12 @@ def gradients(outputs: Path, batches: int, steps: int) -> dict:
     sched, dev = models.training_scheduler(pipe), torch.device("cpu")
     lora = [p for p in pipe.unet.parameters() if p.requires_grad]
     data = {}
-    for how in CHOICES:  # full and half embed the real images whole, crop their window
+    for how in ("full", "crop"):  # full and half embed the real images whole, crop their window
         rows, caption_of, emb, pooled, real = finetune.training_data(
             pipe, encoder, b["prompts"], outputs / "prepare", res, {**params, "exp_decode": how}, dev
         )
         data[how] = real
+    data["half"] = data["full"]
     paths, seed, bs = list(rows["path"]), params["seed"], params["batch_size"]
     order = [bt for e in range(100) for bt in finetune.epoch_batches(len(paths), bs, seed, e, 0, 1)][:batches]
 
