@@ -13,8 +13,9 @@ It runs as a DVC experiment (`dvc exp run -S key=value ...`, the overrides below
 repository, so the workspace's own outputs are left alone; the clone imports its own code (PYTHONPATH).
 Per stage it records the wall time (papermill's duration of the executed notebook) and the peak RSS of
 the stage's process tree (sampled every second); the run's counts come from the stages' metrics files.
-Each run writes benchmarks/rehearsal/<percent>.json (a run that stops, <percent>-<steps>steps-failed.json:
-a finding too); --page renders docs/rehearsal.md from all of them.
+Each run writes benchmarks/rehearsal/<percent>.json (a run that stops,
+<percent>-<steps>steps-<commit>-failed.json: a finding too); --page renders docs/rehearsal.md from all
+of them.
 
 Run: .venv/bin/python benchmarks/rehearsal.py --fraction 0.1 [--dir NEW_FOLDER] [--page]
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -37,10 +39,12 @@ RESULTS = ROOT / "benchmarks/rehearsal"
 IDENTITIES = 10_177  # CelebA's identities (the paper's reference set)
 PER_CLASS = 64  # stand-in images per class: 8 + 50, with room for the hard cases prepare drops
 # sampling steps (the default profile renders at 10). At 4, prompts that the world's
-# model draws too close at every seed left the strict release short (rehearsal/10-4steps-failed.json)
+# model draws too close at every seed left the strict release short (rehearsal/10-4steps-6f9a069-failed.json)
 STEPS = 8
 STAGES = ["prepare", "finetune", "generate", "evaluate", "memorization", "stylize", "ablation",
           "refill", "release", "userstudy"]  # fmt: skip
+# what a run executes: two commits that agree on these ran the same pipeline (benchmarks and docs aside)
+PIPELINE = ("geneava", "notebooks", "dvc.yaml", "params.yaml", "models/world")
 
 
 def write_reference(root: Path, identities: int, size: int = 64, seed: int = 0) -> Path:
@@ -82,14 +86,34 @@ def chosen_expressions(data: Path, fraction: float) -> list[str] | None:
     return folders[: max(1, round(len(folders) * fraction))]
 
 
+def training_steps(per_class: int, classes: int, epochs: int, batch_size: int) -> int:
+    return epochs * math.ceil(per_class * classes / batch_size)
+
+
+def world_lr(classes: int, params: dict) -> float:
+    """The LoRA lr for the rehearsal's training length. The world's lr (finetune.default.lr) was set for
+    the default profile's steps; at the paper's counts the LoRA trains four times as many, and at that
+    lr it drew some cells degenerate at every seed (elderly White women with anger-family expressions:
+    benchmarks/rehearsal/100-8steps-219e755-failed.json). So the rehearsal keeps the default's lr x steps
+    (how far Adam can move the LoRA) and never raises the lr. The paper's own lr is set for SDXL."""
+    f, p = params["finetune"]["default"], params["prepare"]["default"]
+    default = training_steps(p["finetune_per_class"], p["classes"] or 135, f["epochs"], f["batch_size"])
+    rehearsed = training_steps(8, classes, 8, f["batch_size"])
+    return min(f["lr"], f["lr"] * default / rehearsed)
+
+
 def overrides(fraction: float, expressions: list[str] | None, steps: int = STEPS) -> dict:
     """params.yaml keys (default profile) set for the rehearsal: the paper's counts."""
+    from geneava.core import config
+
+    lr = world_lr(len(expressions) if expressions else 135, config.read_yaml(ROOT / "params.yaml"))
     return {
         "prepare.default.source": "rehearsal-data/emo135",
         "prepare.default.finetune_per_class": 8,
         "prepare.default.eval_per_class": 50,
         "prepare.default.classes": len(expressions) if expressions else None,
         "finetune.default.epochs": 8,
+        "finetune.default.lr": float(f"{lr:.3g}"),
         "generate.default.limit": None,
         "generate.default.expressions": expressions,
         "generate.default.steps": steps,
@@ -206,7 +230,8 @@ def run(fraction: float, where: Path, steps: int = STEPS) -> dict:
         from geneava.core.io import write_json
 
         record = failure(where, fraction, over, peaks.peaks, time.time() - t0, t0, where / f"{name}.log")
-        write_json(RESULTS / f"{round(100 * fraction)}-{steps}steps-failed.json", record)
+        name = f"{round(100 * fraction)}-{steps}steps-{record['commit']}-failed.json"  # one per run
+        write_json(RESULTS / name, record)
         raise SystemExit(f"dvc exp run failed ({rc}) in {record['failed_stage']}: {record['error']}")
     return collect(where, fraction, over, peaks.peaks, time.time() - t0, t0)
 
@@ -271,6 +296,27 @@ def qc_failures(out: Path) -> dict:
     return found
 
 
+def world_of(commit: str, root: Path = ROOT) -> str:
+    """The commit that last changed models/world as of `commit`: which world a run used ('?' where this
+    repository does not know the commit)."""
+    at = commit.removesuffix("-dirty")  # benchmarks' git describe marks uncommitted changes
+    p = subprocess.run(
+        ["git", "log", "-1", "--format=%h", at, "--", "models/world"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    return p.stdout.strip() if p.returncode == 0 and p.stdout.strip() else "?"
+
+
+def same_pipeline(a: str, b: str, root: Path = ROOT) -> bool:
+    """Whether two commits hold the same PIPELINE (code, notebooks, params, world). An unknown commit
+    (git's exit 128) is not the same."""
+    if a == b:
+        return True
+    return subprocess.run(["git", "diff", "--quiet", a, b, "--", *PIPELINE], cwd=root).returncode == 0
+
+
 def _stamp(iso: str) -> float:
     """papermill's start_time (UTC; older papermill wrote it without the offset)."""
     from datetime import UTC, datetime
@@ -329,6 +375,12 @@ def _no_path(reference: str) -> str:
     return reference.split(" ", 1)[1] if reference.startswith("/") else reference
 
 
+def _lr(run: dict) -> str:
+    """The run's LoRA lr (records before world_lr ran at the default profile's, 5e-4 then)."""
+    lr = run["overrides"].get("finetune.default.lr")
+    return f"{lr:g}" if lr is not None else "default's"
+
+
 def _peak(run: dict, stage: str) -> str:
     peak = run["stages"][stage]["peak_rss_gib"]
     return "" if peak is None else f", {peak:.1f} GiB"
@@ -342,12 +394,13 @@ def _grown(run: dict, base: dict | None, stage: str) -> str:
     return f" (x{ratio:.1f} the {round(100 * base['fraction'])}% run's)"
 
 
-def comparable(a: dict, b: dict) -> str | None:
-    """Why two runs' times cannot be compared (None: they can): growth means the same code and settings."""
+def comparable(a: dict, b: dict, root: Path = ROOT) -> str | None:
+    """Why two runs' times cannot be compared (None: they can): growth means the same pipeline (code,
+    params, world; commits may differ in benchmarks and docs) and the same settings."""
     if a["overrides"]["generate.default.steps"] != b["overrides"]["generate.default.steps"]:
         return "- (the runs used different steps)"
-    if a["commit"] != b["commit"]:
-        return f"- (the runs are of different commits, {a['commit']} and {b['commit']})"
+    if not same_pipeline(a["commit"], b["commit"], root):
+        return f"- (the runs are of different code or world, {a['commit']} and {b['commit']})"
     return None
 
 
@@ -370,16 +423,20 @@ def page(
         "Terms: the world ([world.md](world.md)); variants, QC and refill ([stages/generate.md]"
         "(stages/generate.md)); cells, strict balance ([stages/release.md](stages/release.md)).",
         "",
-        "| run | date | commit | CPUs | sampling steps | wall (s) | expressions | rows per variant "
-        "| released | strict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "The world column names the commit that last changed models/world before the run: runs on",
+        "different worlds draw different faces, so their QC and refill differ.",
+        "",
+        "| run | date | commit | world | CPUs | sampling steps | LoRA lr | wall (s) | expressions "
+        "| rows per variant | released | strict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         g, rel = r["counts"]["generate"], r["counts"]["release"]
         n_expr = len(r["overrides"]["generate.default.expressions"] or []) or 135
         strict = rel["balance"] == "strict" and rel["cells_off"] == 0 and rel["images"] == rel["cells"]
         steps = r["overrides"]["generate.default.steps"]
-        run_cells = [f"{round(100 * r['fraction'])}%", r["date"], r["commit"], r["cpus"], steps]
+        run_cells = [f"{round(100 * r['fraction'])}%", r["date"], r["commit"], world_of(r["commit"])]
+        run_cells += [r["cpus"], steps, _lr(r)]
         run_cells.append(r["wall_seconds"])
         count_cells = [
             n_expr,
@@ -430,7 +487,8 @@ def page(
         lines += [
             "",
             f"## A run that stopped: {round(100 * r['fraction'])}% at {steps} sampling steps "
-            f"({r['date']}, {r['commit']}, {r['cpus']} CPUs, {r['wall_seconds']} s until it stopped)",
+            f"({r['date']}, {r['commit']}, world {world_of(r['commit'])}, LoRA lr {_lr(r)}, "
+            f"{r['cpus']} CPUs, {r['wall_seconds']} s until it stopped)",
             "",
             f"Stopped in **{r['failed_stage']}**: `{r['error']}`",
             "",
@@ -471,7 +529,8 @@ def drift_section(records: list[dict], detector: dict | None = None) -> list[str
         lines += [
             "",
             f"alpha {r['alpha']:g}, lr {r['lr']:g}, {r['train_steps']} training steps, {r['rows']:,} rows "
-            f"({r['per_race']} per race), {r['sampling_steps']} sampling steps ({r['date']}, {r['commit']}"
+            f"({r['per_race']} per race), {r['sampling_steps']} sampling steps ({r['date']}, {r['commit']}, "
+            f"world {world_of(r['commit'])}"
             f"; the final LoRA is {'the same file as' if r['same_lora_as_run'] else 'not'} the run's):",
             "",
             "| step | QC failed | 95% CI | face height | centre y | margin | failures by race |",

@@ -45,6 +45,15 @@ def test_overrides_are_valid_params_with_the_papers_counts(rehearsal, fraction, 
     assert table.groupby("expression").size().eq(98).all()
     limit = params["memorization"]["default"]["reference_limit"]
     assert limit == (None if fraction == 1 else 1_018)
+    # the LoRA's lr x steps stays the default profile's (540 images, 4 epochs), never a higher lr
+    own = rehearsal.check(ROOT / "params.yaml", {})["finetune"]["default"]
+    f = params["finetune"]["default"]
+    steps = 8 * -(-8 * (135 if fraction == 1 else 1) // f["batch_size"])
+    if fraction == 1:
+        assert f["lr"] < own["lr"]
+        assert f["lr"] * steps == pytest.approx(own["lr"] * 4 * -(-540 // own["batch_size"]), rel=1e-2)
+    else:
+        assert f["lr"] == own["lr"]
     with pytest.raises(KeyError, match="no such key"):
         rehearsal.apply(params, {"generate.default.stepz": 4})
 
@@ -108,8 +117,37 @@ def test_growth_is_shown_only_between_runs_of_the_same_code_and_steps(rehearsal)
     assert "the runs used different steps" in rehearsal.page([small, big])
     assert "x14.0" not in rehearsal.page([small, big])
     big["overrides"]["generate.default.steps"] -= 1
-    big["commit"] = "0000000"
-    assert "different commits" in rehearsal.page([small, big])
+    big["commit"] = "0000000"  # a commit git does not know
+    assert "different code or world" in rehearsal.page([small, big])
+
+
+def test_runs_compare_by_the_pipeline_they_ran_and_name_their_world(rehearsal, tmp_path):
+    """Two commits that differ only in docs ran the same pipeline; one that changes the code or the
+    world did not; a run's world is the last commit that changed models/world."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    def commit(path: str, text: str) -> str:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+        git("add", "-A")
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", path)
+        return git("rev-parse", "--short", "HEAD").strip()
+
+    git("init", "-q")
+    first = commit("models/world/vae.txt", "1")
+    docs = commit("docs/x.md", "a page")
+    code = commit("geneava/a.py", "x = 1")
+    world = commit("models/world/vae.txt", "2")
+    assert rehearsal.same_pipeline(first, docs, tmp_path)
+    assert not rehearsal.same_pipeline(docs, code, tmp_path)
+    assert not rehearsal.same_pipeline(code, world, tmp_path)
+    assert not rehearsal.same_pipeline(first, "0000000", tmp_path)
+    assert [rehearsal.world_of(c, tmp_path) for c in (docs, code, world)] == [first, first, world]
+    assert rehearsal.world_of(f"{code}-dirty", tmp_path) == first
+    assert rehearsal.world_of("0000000", tmp_path) == "?"
 
 
 def test_a_run_that_stops_is_recorded_with_its_stage_and_error(rehearsal, tmp_path):
