@@ -230,8 +230,7 @@ def run(fraction: float, where: Path, steps: int = STEPS) -> dict:
         from geneava.core.io import write_json
 
         record = failure(where, fraction, over, peaks.peaks, time.time() - t0, t0, where / f"{name}.log")
-        name = f"{round(100 * fraction)}-{steps}steps-{record['commit']}-failed.json"  # one per run
-        write_json(RESULTS / name, record)
+        write_json(RESULTS / failed_name(fraction, steps, record["commit"]), record)
         raise SystemExit(f"dvc exp run failed ({rc}) in {record['failed_stage']}: {record['error']}")
     return collect(where, fraction, over, peaks.peaks, time.time() - t0, t0)
 
@@ -298,23 +297,38 @@ def qc_failures(out: Path) -> dict:
 
 def world_of(commit: str, root: Path = ROOT) -> str:
     """The commit that last changed models/world as of `commit`: which world a run used ('?' where this
-    repository does not know the commit)."""
+    repository does not know the commit, or git is missing)."""
     at = commit.removesuffix("-dirty")  # benchmarks' git describe marks uncommitted changes
-    p = subprocess.run(
-        ["git", "log", "-1", "--format=%h", at, "--", "models/world"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-    )
+    if not at:
+        return "?"
+    try:
+        p = subprocess.run(
+            ["git", "log", "-1", "--format=%h", at, "--", "models/world"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+    except FileNotFoundError:
+        return "?"
     return p.stdout.strip() if p.returncode == 0 and p.stdout.strip() else "?"
 
 
 def same_pipeline(a: str, b: str, root: Path = ROOT) -> bool:
     """Whether two commits hold the same PIPELINE (code, notebooks, params, world). An unknown commit
-    (git's exit 128) is not the same."""
+    (git's exit 128), a missing one and one with uncommitted changes (-dirty) are never the same."""
+    if not a or not b or a.endswith("-dirty") or b.endswith("-dirty"):
+        return False
     if a == b:
         return True
-    return subprocess.run(["git", "diff", "--quiet", a, b, "--", *PIPELINE], cwd=root).returncode == 0
+    try:
+        return subprocess.run(["git", "diff", "--quiet", a, b, "--", *PIPELINE], cwd=root).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def failed_name(fraction: float, steps: int, commit: str) -> str:
+    """The record of a stopped run: one file per run (a commit's, or the time's where git gave none)."""
+    return f"{round(100 * fraction)}-{steps}steps-{commit or time.strftime('%Y%m%d-%H%M%S')}-failed.json"
 
 
 def _stamp(iso: str) -> float:

@@ -5,6 +5,7 @@ expression."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -46,14 +47,19 @@ def test_overrides_are_valid_params_with_the_papers_counts(rehearsal, fraction, 
     limit = params["memorization"]["default"]["reference_limit"]
     assert limit == (None if fraction == 1 else 1_018)
     # the LoRA's lr x steps stays the default profile's (540 images, 4 epochs), never a higher lr
-    own = rehearsal.check(ROOT / "params.yaml", {})["finetune"]["default"]
+    d = rehearsal.check(ROOT / "params.yaml", {})
+    own, dp = d["finetune"]["default"], d["prepare"]["default"]
+    default_steps = own["epochs"] * -(-dp["finetune_per_class"] * (dp["classes"] or 135) // own["batch_size"])
     f = params["finetune"]["default"]
     steps = 8 * -(-8 * (135 if fraction == 1 else 1) // f["batch_size"])
     if fraction == 1:
         assert f["lr"] < own["lr"]
-        assert f["lr"] * steps == pytest.approx(own["lr"] * 4 * -(-540 // own["batch_size"]), rel=1e-2)
+        assert f["lr"] * steps == pytest.approx(own["lr"] * default_steps, rel=1e-2)
     else:
         assert f["lr"] == own["lr"]
+    middle = 8 * -(-8 * 40 // own["batch_size"])  # neither clamped nor the paper's count
+    assert middle > default_steps  # else pick more classes: this case must scale, not clamp
+    assert rehearsal.world_lr(40, d) == pytest.approx(own["lr"] * default_steps / middle)
     with pytest.raises(KeyError, match="no such key"):
         rehearsal.apply(params, {"generate.default.stepz": 4})
 
@@ -103,7 +109,20 @@ def test_page_shows_a_missing_peak_as_a_dash(rehearsal):
     assert f"| prepare | {seconds:.0f} (-) |" in text and "passed" in text
 
 
-def test_growth_is_shown_only_between_runs_of_the_same_code_and_steps(rehearsal):
+def test_page_names_each_runs_world_and_lr(rehearsal, monkeypatch):
+    import json
+
+    monkeypatch.setattr(rehearsal, "world_of", lambda c, root=None: f"w-{c}")
+    record = json.loads((ROOT / "benchmarks/rehearsal/10.json").read_text())
+    record["overrides"].pop("finetune.default.lr", None)  # records before world_lr
+    c = record["commit"]
+    row = f"| {c} | w-{c} | {record['cpus']} | 8 | default's | {record['wall_seconds']} |"
+    assert row in rehearsal.page([record])
+    record["overrides"]["finetune.default.lr"] = 1.26e-4
+    assert f"| w-{c} | {record['cpus']} | 8 | 0.000126 |" in rehearsal.page([record])
+
+
+def test_growth_is_shown_only_between_runs_of_the_same_code_and_steps(rehearsal, monkeypatch):
     import copy
     import json
 
@@ -119,6 +138,8 @@ def test_growth_is_shown_only_between_runs_of_the_same_code_and_steps(rehearsal)
     big["overrides"]["generate.default.steps"] -= 1
     big["commit"] = "0000000"  # a commit git does not know
     assert "different code or world" in rehearsal.page([small, big])
+    monkeypatch.setattr(rehearsal, "same_pipeline", lambda a, b, root=None: True)  # commits differ, code not
+    assert "x14.0 for x10 the work |" in rehearsal.page([small, big])
 
 
 def test_runs_compare_by_the_pipeline_they_ran_and_name_their_world(rehearsal, tmp_path):
@@ -126,14 +147,18 @@ def test_runs_compare_by_the_pipeline_they_ran_and_name_their_world(rehearsal, t
     world did not; a run's world is the last commit that changed models/world."""
     import subprocess
 
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}  # never the real repository
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+        return subprocess.run(
+            ["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True, env=env
+        ).stdout
 
     def commit(path: str, text: str) -> str:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(text)
         git("add", "-A")
-        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", path)
+        git("-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit", "-qm", path)
         return git("rev-parse", "--short", "HEAD").strip()
 
     git("init", "-q")
@@ -148,6 +173,21 @@ def test_runs_compare_by_the_pipeline_they_ran_and_name_their_world(rehearsal, t
     assert [rehearsal.world_of(c, tmp_path) for c in (docs, code, world)] == [first, first, world]
     assert rehearsal.world_of(f"{code}-dirty", tmp_path) == first
     assert rehearsal.world_of("0000000", tmp_path) == "?"
+    prev = world
+    for path in ("notebooks/01_x.ipynb", "dvc.yaml", "params.yaml"):
+        nxt = commit(path, path)
+        assert not rehearsal.same_pipeline(prev, nxt, tmp_path), path
+        prev = nxt
+    bench = commit("benchmarks/b.py", "y")
+    assert rehearsal.same_pipeline(prev, bench, tmp_path)
+    assert not rehearsal.same_pipeline(f"{bench}-dirty", f"{bench}-dirty", tmp_path)  # edits unknown
+    assert not rehearsal.same_pipeline("", "", tmp_path)  # no git where the benchmark ran
+    base = {"overrides": {"generate.default.steps": 8}}
+    assert rehearsal.comparable({**base, "commit": first}, {**base, "commit": docs}, tmp_path) is None
+    why = rehearsal.comparable({**base, "commit": docs}, {**base, "commit": code}, tmp_path)
+    assert "different code or world" in why
+    assert rehearsal.failed_name(1.0, 8, "219e755") == "100-8steps-219e755-failed.json"
+    assert rehearsal.failed_name(0.1, 4, "").startswith("10-4steps-2")  # the time's, not an empty name
 
 
 def test_a_run_that_stops_is_recorded_with_its_stage_and_error(rehearsal, tmp_path):
@@ -188,6 +228,7 @@ def test_a_run_that_stops_is_recorded_with_its_stage_and_error(rehearsal, tmp_pa
     done = json.loads((ROOT / "benchmarks/rehearsal/10.json").read_text())
     text = rehearsal.page([done], [record])
     assert "## A run that stopped: 10% at 4 sampling steps" in text and "Stopped in **finetune**" in text
+    assert f"world {rehearsal.world_of(record['commit'])}, LoRA lr 0.0005," in text
     assert "Stages it finished: prepare 12 s, 1.0 GiB." in text
 
 
