@@ -262,6 +262,7 @@ def failure(where: Path, fraction: float, over: dict, peaks: dict, wall: float, 
         "generate": json.loads(generated.read_text()) if "generate" in done else None,
         "qc_failures": qc_failures(where / "outputs") if "generate" in done else None,
         "given_up": given_up(where / "outputs") if "refill" in done else None,
+        "memorization": audit(where / "outputs") if "memorization" in done else None,
     }
 
 
@@ -277,6 +278,17 @@ def given_up(out: Path) -> dict:
         "last_failure": {k: int(v) for k, v in last.value_counts().items()},
         "by_race": {k: int(v) for k, v in gone["race"].value_counts().sort_index().items()},
     }
+
+
+def audit(out: Path) -> dict:
+    """The memorization audit at this run's counts: each set's mean nearest-neighbour similarity and how
+    many generated faces the derived threshold (and the paper's 0.68) called the same person."""
+    m = json.loads((out / "memorization" / "metrics.json").read_text())
+    found = {"derived_threshold": round(m["derived"]["threshold"], 4), "generated": m["generated_images"]}
+    for name in ("finetune", "reference"):
+        found[name] = {k: m[name][k] for k in ("images", "same_derived", "same_paper")}
+        found[name]["mean_nn_similarity"] = round(m[name]["mean_nn_similarity"], 3)
+    return found
 
 
 def qc_failures(out: Path) -> dict:
@@ -381,6 +393,7 @@ def collect(where: Path, fraction: float, over: dict, peaks: dict, wall: float, 
             "memorization_reference": read("memorization/report.json")["reference"],
         },
         "qc_failures": qc_failures(out),
+        "memorization": audit(out),
     }
 
 
@@ -488,6 +501,8 @@ def page(
         )
         if r.get("qc_failures"):
             lines.append(f"  QC's failures by race and top expressions: {json.dumps(r['qc_failures'])}")
+        if r.get("memorization"):
+            lines.append(f"  Memorization audit: {json.dumps(r['memorization'])}")
     for r in failed or []:
         steps = r["overrides"]["generate.default.steps"]
         # its finished stages beside a finished run of the same code and settings, where there is one
@@ -523,6 +538,8 @@ def page(
             lines.append(f"Refill: {json.dumps(r['refill'])}.")
         if r.get("given_up"):
             lines.append(f"The rows refill gave up on: {json.dumps(r['given_up'])}.")
+        if r.get("memorization"):
+            lines.append(f"Memorization audit: {json.dumps(r['memorization'])}.")
     lines += drift_section(drift or [], detector)
     return "\n".join(lines) + "\n"
 

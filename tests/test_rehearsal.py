@@ -299,3 +299,30 @@ def test_the_page_shows_each_drift_record(rehearsal):
     }
     assert "QC detector on" not in text
     assert "Black 1.007, 10.0%." in rehearsal.page(runs, [], [record], detector)
+
+
+def test_the_memorization_audit_is_recorded_and_shown(rehearsal, tmp_path):
+    """A run's audit at its counts (nearest-neighbour similarity, faces called the same person) is in its
+    record and on the page: the 100% rehearsal stopped on it."""
+    import json
+
+    sets = {
+        "finetune": {"images": 1080, "same_derived": 228, "same_paper": 13223, "mean_nn_similarity": 0.88564},
+        "reference": {
+            "images": 10177,
+            "same_derived": 1400,
+            "same_paper": 13230,
+            "mean_nn_similarity": 0.9315,
+        },
+    }
+    metrics = {"derived": {"threshold": 0.967212}, "generated_images": 13230, **sets}
+    (tmp_path / "memorization").mkdir()
+    (tmp_path / "memorization" / "metrics.json").write_text(json.dumps(metrics))
+    found = rehearsal.audit(tmp_path)
+    assert found["derived_threshold"] == 0.9672 and found["generated"] == 13230
+    assert found["reference"] == {**sets["reference"], "mean_nn_similarity": 0.932}
+    assert found["finetune"]["same_derived"] == 228 and found["finetune"]["mean_nn_similarity"] == 0.886
+    done = json.loads((ROOT / "benchmarks/rehearsal/10.json").read_text())
+    stopped = {**done, "failed_stage": "release", "error": "BalanceError: 4 of 13230", "memorization": found}
+    assert '"same_derived": 1400' in rehearsal.page([done], [stopped])
+    assert "Memorization audit: " in rehearsal.page([{**done, "memorization": found}])
