@@ -402,10 +402,23 @@ def _no_path(reference: str) -> str:
     return reference.split(" ", 1)[1] if reference.startswith("/") else reference
 
 
-def _lr(run: dict) -> str:
-    """The run's LoRA lr (records before world_lr ran at the default profile's, 5e-4 then)."""
+def _lr(run: dict, root: Path = ROOT) -> str:
+    """The run's LoRA lr: its override, or for records before world_lr the default profile's lr in the
+    run's own params.yaml ("default's" where git does not know the commit)."""
     lr = run["overrides"].get("finetune.default.lr")
-    return f"{lr:g}" if lr is not None else "default's"
+    if lr is None:
+        import yaml
+
+        p = subprocess.run(
+            ["git", "show", f"{run['commit']}:params.yaml"], cwd=root, capture_output=True, text=True
+        )
+        try:
+            lr = yaml.safe_load(p.stdout)["finetune"]["default"]["lr"] if p.returncode == 0 else None
+        except (KeyError, TypeError, yaml.YAMLError):
+            lr = None
+        if lr is None:
+            return "default's"
+    return f"{lr:g}"
 
 
 def _peak(run: dict, stage: str) -> str:
@@ -449,6 +462,10 @@ def page(
         "what it means for a paper-profile run, and what to do, is in [paper-profile.md](paper-profile.md).",
         "Terms: the world ([world.md](world.md)); variants, QC and refill ([stages/generate.md]"
         "(stages/generate.md)); cells, strict balance ([stages/release.md](stages/release.md)).",
+        "In a run's memorization audit, `mean_nn_similarity` is the mean cosine similarity of a generated",
+        "face to its nearest face in that set (the world's identity net), and `same_derived` / `same_paper`",
+        "count generated faces called the same person by the derived threshold and by the paper's 0.68",
+        "([decisions.md](decisions.md#the-papers-068-in-both-conventions)).",
         "",
         "The world column names the commit that last changed models/world before the run: runs on",
         "different worlds draw different faces, so their QC and refill differ.",

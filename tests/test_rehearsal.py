@@ -115,7 +115,7 @@ def test_page_names_each_runs_world_and_lr(rehearsal, monkeypatch):
     monkeypatch.setattr(rehearsal, "world_of", lambda c, root=None: f"w-{c}")
     record = json.loads((ROOT / "benchmarks/rehearsal/10.json").read_text())
     record["overrides"].pop("finetune.default.lr", None)  # records before world_lr
-    c = record["commit"]
+    record["commit"] = c = "0000000"  # whose params.yaml git cannot show
     row = f"| {c} | w-{c} | {record['cpus']} | 8 | default's | {record['wall_seconds']} |"
     assert row in rehearsal.page([record])
     record["overrides"]["finetune.default.lr"] = 1.26e-4
@@ -187,6 +187,13 @@ def test_runs_compare_by_the_pipeline_they_ran_and_name_their_world(rehearsal, t
     why = rehearsal.comparable({**base, "commit": docs}, {**base, "commit": code}, tmp_path)
     assert "different code or world" in why
     assert rehearsal.failed_name(1.0, 8, "219e755") == "100-8steps-219e755-failed.json"
+    older = commit("params.yaml", "finetune:\n  default:\n    lr: 0.0007\n")  # a record before world_lr
+    assert rehearsal._lr({"overrides": {}, "commit": older}, tmp_path) == "0.0007"
+    assert rehearsal._lr({"overrides": {}, "commit": code}, tmp_path) == "default's"  # no such key there
+    assert (
+        rehearsal._lr({"overrides": {"finetune.default.lr": 1.26e-4}, "commit": older}, tmp_path)
+        == "0.000126"
+    )
     assert rehearsal.failed_name(0.1, 4, "").startswith("10-4steps-2")  # the time's, not an empty name
 
 
