@@ -307,22 +307,21 @@ def qc_failures(out: Path) -> dict:
     return found
 
 
+def _git(root: Path, *args: str) -> str | None:
+    """git's stdout, or None where git is missing or fails (an unknown commit: exit 128; a diff: exit 1)."""
+    try:
+        p = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    except FileNotFoundError:
+        return None
+    return p.stdout if p.returncode == 0 else None
+
+
 def world_of(commit: str, root: Path = ROOT) -> str:
     """The commit that last changed models/world as of `commit`: which world a run used ('?' where this
     repository does not know the commit, or git is missing)."""
     at = commit.removesuffix("-dirty")  # benchmarks' git describe marks uncommitted changes
-    if not at:
-        return "?"
-    try:
-        p = subprocess.run(
-            ["git", "log", "-1", "--format=%h", at, "--", "models/world"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        )
-    except FileNotFoundError:
-        return "?"
-    return p.stdout.strip() if p.returncode == 0 and p.stdout.strip() else "?"
+    found = _git(root, "log", "-1", "--format=%h", at, "--", "models/world") if at else None
+    return found.strip() if found and found.strip() else "?"
 
 
 def same_pipeline(a: str, b: str, root: Path = ROOT) -> bool:
@@ -330,12 +329,7 @@ def same_pipeline(a: str, b: str, root: Path = ROOT) -> bool:
     (git's exit 128), a missing one and one with uncommitted changes (-dirty) are never the same."""
     if not a or not b or a.endswith("-dirty") or b.endswith("-dirty"):
         return False
-    if a == b:
-        return True
-    try:
-        return subprocess.run(["git", "diff", "--quiet", a, b, "--", *PIPELINE], cwd=root).returncode == 0
-    except FileNotFoundError:
-        return False
+    return a == b or _git(root, "diff", "--quiet", a, b, "--", *PIPELINE) is not None
 
 
 def failed_name(fraction: float, steps: int, commit: str) -> str:
@@ -409,11 +403,9 @@ def _lr(run: dict, root: Path = ROOT) -> str:
     if lr is None:
         import yaml
 
-        p = subprocess.run(
-            ["git", "show", f"{run['commit']}:params.yaml"], cwd=root, capture_output=True, text=True
-        )
+        text = _git(root, "show", f"{run['commit']}:params.yaml")
         try:
-            lr = yaml.safe_load(p.stdout)["finetune"]["default"]["lr"] if p.returncode == 0 else None
+            lr = yaml.safe_load(text)["finetune"]["default"]["lr"] if text is not None else None
         except (KeyError, TypeError, yaml.YAMLError):
             lr = None
         if lr is None:
