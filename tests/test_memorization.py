@@ -37,6 +37,67 @@ def test_blocked_nearest_neighbour_equals_the_full_search(metric):
     assert torch.allclose(best, want, atol=1e-10) and torch.equal(arg, want_arg)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_excluding_self_finds_each_members_nearest_other(metric):
+    """The reference set searched against itself: blocks that cut across the diagonal still never
+    return a member as its own neighbour, and everything else is the full search's answer."""
+    r = torch.randn(37, 16, generator=torch.Generator().manual_seed(1))
+    best, arg = identity.nearest(r, r, metric, block=8, exclude_self=True)
+    if metric == "cosine":
+        n = torch.nn.functional.normalize(r.double(), dim=1)
+        full = (n @ n.T).fill_diagonal_(-np.inf)
+        want, want_arg = full.max(1)
+    else:
+        want, want_arg = torch.cdist(r.double(), r.double()).fill_diagonal_(np.inf).min(1)
+    assert torch.allclose(best, want, atol=1e-10) and torch.equal(arg, want_arg)
+    assert not torch.equal(arg, torch.arange(37))
+    with pytest.raises(ValueError, match="reference set itself"):
+        identity.nearest(r[:5], r, metric, exclude_self=True)
+
+
+def _strangers(n: int, spread: float, seed: int = 0) -> dict:
+    """n reference people: embeddings around one direction (small spread: look-alikes)."""
+    g = torch.Generator().manual_seed(seed)
+    e = torch.ones(n, 32) + spread * torch.randn(n, 32, generator=g)
+    return {"embedding": e, "face_found": torch.ones(n, dtype=torch.bool)}
+
+
+def test_the_derived_threshold_rises_to_the_searchs_scale(default):
+    """Look-alike strangers: the pairs' threshold calls most of them the same as another; at_scale raises
+    it until at most stranger_rate do, reports the share at the pairs' threshold, and never lowers it."""
+    params = dict(default["memorization"], reference_identities="ids.txt", stranger_rate=0.05)
+    ref = _strangers(200, 0.1)
+    nn = identity.nearest(ref["embedding"], ref["embedding"], exclude_self=True)[0].numpy()
+    d = memorization.at_scale({"threshold": 0.5, "gain_ratio": 1.0}, ref, params)
+    assert d["pairs_threshold"] == 0.5 and d["strangers"] == 200 and d["gain_ratio"] == 1.0
+    assert d["strangers_same_at_pairs_threshold"] == 1.0  # every look-alike is "the same" at 0.5
+    # at most 5% of 200 strangers at or above it, and it is the lowest such threshold (nearest-other
+    # similarities come in tied pairs: A's nearest is B and B's is A, so the count can stop at 9)
+    t = d["threshold"]
+    assert (nn >= t).sum() <= 10 < (nn >= np.nextafter(t, -np.inf)).sum()
+    rule = memorization._derived_rule(d)["derived"]
+    assert "calls 100.0% of the reference's 200 people the same" in rule and "at most 5%" in rule
+    # strangers far apart: the pairs' threshold stands, with the share it calls the same reported
+    far = memorization.at_scale({"threshold": 0.9}, _strangers(200, 10.0), params)
+    assert far["threshold"] == 0.9 and far["strangers_same_at_pairs_threshold"] == 0.0
+    assert (
+        "(C4.5 split; at it 0.0% of the reference's 200 people match another"
+        in memorization._derived_rule(far)["derived"]
+    )
+
+
+def test_no_identity_labels_no_rate_or_no_threshold_leave_the_derived_rule_alone(default):
+    ref, d = _strangers(50, 0.1), {"threshold": 0.5}
+    p = default["memorization"]
+    assert memorization.at_scale(d, ref, dict(p, reference_identities=None, stranger_rate=0.01)) == d
+    assert memorization.at_scale(d, ref, dict(p, reference_identities="ids.txt", stranger_rate=None)) == d
+    failed = {"threshold": None, "error": "x"}
+    assert memorization.at_scale(failed, ref, dict(p, reference_identities="ids.txt")) == failed
+    # people whose face was not found are no one's strangers
+    ref["face_found"][:48] = False
+    assert memorization.at_scale(d, ref, dict(p, reference_identities="ids.txt"))["strangers"] == 2
+
+
 def _gain_ratio_brute(s, y, t):
     def h(v):
         p = v.mean() if len(v) else 0

@@ -260,16 +260,23 @@ def embed_files(model, paths: list[str], desc: str = "identity") -> dict[str, to
 
 
 def nearest(
-    queries: torch.Tensor, reference: torch.Tensor, metric: str = "cosine", block: int = 4096
+    queries: torch.Tensor,
+    reference: torch.Tensor,
+    metric: str = "cosine",
+    block: int = 4096,
+    exclude_self: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each query, its nearest reference: (similarity or distance, index).
 
     A matrix product over blocks of queries *and* references, keeping a running best, so memory is
-    block x block whatever the sizes (13,230 x 10,177 takes a fraction of a second)."""
+    block x block whatever the sizes (13,230 x 10,177 takes a fraction of a second). `exclude_self`:
+    the queries are the reference set itself, and each one's nearest *other* member is found."""
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"unknown metric '{metric}'")
-    if len(reference) == 0:
-        raise ValueError("the reference set is empty")
+    if len(reference) < (2 if exclude_self else 1):
+        raise ValueError("the reference set is empty" if len(reference) == 0 else "one reference, no other")
+    if exclude_self and queries.shape != reference.shape:
+        raise ValueError("exclude_self needs the queries to be the reference set itself")
     cosine = metric == "cosine"
     q, r = queries.double(), reference.double()
     if cosine:
@@ -282,6 +289,10 @@ def nearest(
         q_sq = (qb * qb).sum(1)
         for j in range(0, len(r), block):
             prod = qb @ r[j : j + block].T
+            if exclude_self:  # a member is not its own neighbour: -inf similarity, +inf distance
+                rows = torch.arange(i, i + len(qb))
+                own = (rows >= j) & (rows < j + prod.shape[1])
+                prod[own.nonzero().squeeze(1), rows[own] - j] = -np.inf
             if cosine:
                 val, idx = prod.max(1)
                 better = val > best[i : i + block]

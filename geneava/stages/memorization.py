@@ -184,6 +184,7 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
     emb = {k: identity.cached_embeddings(model, k, rows, cache) for k, rows in sets.items()}
     pairs = labelled_pairs(params, root, out_dir)
     derived = identity.derive_threshold(model, pairs, cache) if pairs is not None else None
+    derived = at_scale(derived, emb["reference"], params)
     own = model.own_rule
     derived_t = derived["threshold"] if derived is not None else None
     nn, summary = nearest_neighbours(gen, emb_gen, sets, emb, params, own, derived_t)
@@ -200,6 +201,29 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
     }
     found = {"nearest": nn, "removal": removal, "summary": summary, "derived": derived, "rule": rule}
     return write_audit(out_dir, params, model, gen, found, ref_what, faces_not_found, root)
+
+
+def at_scale(derived: dict | None, ref: dict, params: dict) -> dict | None:
+    """The derived threshold checked at the scale of the search. The labelled pairs put it between one
+    same and one different pair, but each generated face meets N people, and the nearest of N strangers is
+    far closer than one. With the reference's identities labelled (one image per person), each reference
+    person's nearest *other* person shows how often the threshold calls distinct people the same; it is
+    raised (never lowered) until at most `stranger_rate` of them are."""
+    rate, found = params.get("stranger_rate"), ref["embedding"][ref["face_found"]]
+    labelled = rate is not None and params["reference_identities"] and len(found) > 1
+    if not labelled or not derived or derived.get("threshold") is None:
+        return derived
+    sim = identity.nearest(found, found, "cosine", params["block"], exclude_self=True)[0].numpy()
+    allowed = int(np.floor(rate * len(sim)))  # reference people that may match another one
+    above = float(np.nextafter(np.sort(sim)[::-1][allowed], np.inf)) if allowed < len(sim) else -1.0
+    pairs_t = derived["threshold"]
+    return derived | {
+        "pairs_threshold": pairs_t,
+        "strangers": len(sim),
+        "strangers_same_at_pairs_threshold": float((sim >= pairs_t).mean()),
+        "stranger_rate": rate,
+        "threshold": max(pairs_t, above),
+    }
 
 
 def write_audit(out_dir, params, model, gen, found, ref_what, faces_not_found, root) -> dict:
@@ -245,9 +269,16 @@ def _derived_rule(derived: dict | None) -> dict:
     """The derived rule as the report states it; a derivation that failed (not fatal) says why."""
     if not derived:
         return {}
-    if derived.get("threshold") is None:
+    if (t := derived.get("threshold")) is None:
         return {"derived": f"not available: {derived.get('error', 'no threshold')}"}
-    return {"derived": f"cosine similarity >= {derived['threshold']:.4f} (C4.5 split)"}
+    how, n, pt = "C4.5 split", derived.get("strangers"), derived.get("pairs_threshold")
+    if pt is not None:
+        share = f"{100 * derived['strangers_same_at_pairs_threshold']:.1f}% of the reference's {n} people"
+        rate = f"{100 * derived['stranger_rate']:g}%"
+        how = f"C4.5 split; at it {share} match another of them"
+        if t != pt:
+            how = f"the C4.5 split {pt:.4f} calls {share} the same as another; raised until at most {rate} do"
+    return {"derived": f"cosine similarity >= {t:.4f} ({how})"}
 
 
 def run(
@@ -267,22 +298,12 @@ def review_pairs(nn: pd.DataFrame, sets: list[str], n: int, root: Path | None = 
             os.path.relpath(p, root) if root and Path(p).resolve().is_relative_to(Path(root).resolve()) else p
         )
 
-    out = []
-    for name in sets:
-        top = nn.nlargest(n, f"{name}_similarity")
-        out.append(
-            pd.DataFrame(
-                {
-                    "reference_set": name,
-                    "generated": top["file"],
-                    "match": top[f"{name}_match"],
-                    "match_path": [rel(p) for p in top[f"{name}_match_path"]],
-                    "similarity": top[f"{name}_similarity"],
-                    "same_person": "",
-                }
-            )
-        )
-    return pd.concat(out, ignore_index=True)
+    def sheet(name: str, top: pd.DataFrame) -> pd.DataFrame:
+        out = pd.DataFrame({"reference_set": name, "generated": top["file"], "match": top[f"{name}_match"]})
+        path, sim = [rel(p) for p in top[f"{name}_match_path"]], top[f"{name}_similarity"]
+        return out.assign(match_path=path, similarity=sim, same_person="")
+
+    return pd.concat([sheet(s, nn.nlargest(n, f"{s}_similarity")) for s in sets], ignore_index=True)
 
 
 def histogram(nn: pd.DataFrame, sets: list[str], bins: int = 40) -> pd.DataFrame:
