@@ -282,9 +282,17 @@ def given_up(out: Path) -> dict:
 
 def audit(out: Path) -> dict:
     """The memorization audit at this run's counts: each set's mean nearest-neighbour similarity and how
-    many generated faces the derived threshold (and the paper's 0.68) called the same person."""
+    many generated faces the derived threshold (and the paper's 0.68) called the same person; where the
+    threshold was checked at the reference's scale, the pairs' threshold and the share of reference
+    people it called the same as another."""
     m = json.loads((out / "memorization" / "metrics.json").read_text())
     found = {"derived_threshold": round(m["derived"]["threshold"], 4), "generated": m["generated_images"]}
+    d = m["derived"]
+    if "pairs_threshold" in d:  # checked at the reference's scale (memorization.at_scale)
+        found["pairs_threshold"] = round(d["pairs_threshold"], 4)
+        found["strangers_same_at_pairs_threshold"] = round(d["strangers_same_at_pairs_threshold"], 3)
+        if "same_pairs_called_same" in d:
+            found["same_pairs_called_same"] = round(d["same_pairs_called_same"], 3)
     for name in ("finetune", "reference"):
         found[name] = {k: m[name][k] for k in ("images", "same_derived", "same_paper")}
         found[name]["mean_nn_similarity"] = round(m[name]["mean_nn_similarity"], 3)
@@ -457,7 +465,11 @@ def page(
         "In a run's memorization audit, `mean_nn_similarity` is the mean cosine similarity of a generated",
         "face to its nearest face in that set (the world's identity net), and `same_derived` / `same_paper`",
         "count generated faces called the same person by the derived threshold and by the paper's 0.68",
-        "([decisions.md](decisions.md#the-papers-068-in-both-conventions)).",
+        "([decisions.md](decisions.md#the-papers-068-in-both-conventions)). Where the derived threshold",
+        "was checked at the reference's scale, `pairs_threshold` is the labelled pairs' own and",
+        "`strangers_same_at_pairs_threshold` the share of reference people it called the same as another",
+        "(`same_pairs_called_same`: the world's labelled same-person pairs at or above the value in use)",
+        "([decisions.md](decisions.md#the-derived-threshold-at-the-searchs-scale)).",
         "",
         "The world column names the commit that last changed models/world before the run: runs on",
         "different worlds draw different faces, so their QC and refill differ.",

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from geneava.core.io import save_png, sha256_file, write_csv
 from geneava.networks import identity
-from geneava.stages import memorization
+from geneava.stages import memorization, refill
 from geneava.world import dataset
 from tests.conftest import write_generated
 
@@ -37,22 +37,27 @@ def test_blocked_nearest_neighbour_equals_the_full_search(metric):
     assert torch.allclose(best, want, atol=1e-10) and torch.equal(arg, want_arg)
 
 
+@pytest.mark.parametrize("block", [1, 8, 64])
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-def test_excluding_self_finds_each_members_nearest_other(metric):
-    """The reference set searched against itself: blocks that cut across the diagonal still never
-    return a member as its own neighbour, and everything else is the full search's answer."""
+def test_excluding_self_finds_each_members_nearest_other(metric, block):
+    """The reference set searched against itself, whole blocks of self (1), the diagonal across several
+    blocks and a ragged last one (8), one block (64): never a member as its own neighbour, and otherwise
+    the full search's answer. Masking is by index: a member's exact copy is still its nearest other."""
     r = torch.randn(37, 16, generator=torch.Generator().manual_seed(1))
-    best, arg = identity.nearest(r, r, metric, block=8, exclude_self=True)
+    r[20] = r[5]
+    best, arg = identity.nearest(r, r, metric, block=block, exclude_self=True)
     if metric == "cosine":
         n = torch.nn.functional.normalize(r.double(), dim=1)
-        full = (n @ n.T).fill_diagonal_(-np.inf)
-        want, want_arg = full.max(1)
+        want, want_arg = (n @ n.T).fill_diagonal_(-np.inf).max(1)
     else:
         want, want_arg = torch.cdist(r.double(), r.double()).fill_diagonal_(np.inf).min(1)
     assert torch.allclose(best, want, atol=1e-10) and torch.equal(arg, want_arg)
-    assert not torch.equal(arg, torch.arange(37))
+    assert (arg != torch.arange(37)).all() and arg[5] == 20 and arg[20] == 5
+    assert best[5].item() == pytest.approx(1.0 if metric == "cosine" else 0.0, abs=1e-7)
     with pytest.raises(ValueError, match="reference set itself"):
         identity.nearest(r[:5], r, metric, exclude_self=True)
+    with pytest.raises(ValueError, match="one reference, no other"):
+        identity.nearest(r[:1], r[:1], metric, exclude_self=True)
 
 
 def _strangers(n: int, spread: float, seed: int = 0) -> dict:
@@ -62,23 +67,49 @@ def _strangers(n: int, spread: float, seed: int = 0) -> dict:
     return {"embedding": e, "face_found": torch.ones(n, dtype=torch.bool)}
 
 
+def _labelled(default, **kw) -> dict:
+    """Memorization parameters with a labelled CelebA-style reference (one image per person)."""
+    return dict(default["memorization"], reference="celeba", reference_identities="ids.txt", **kw)
+
+
 def test_the_derived_threshold_rises_to_the_searchs_scale(default):
-    """Look-alike strangers: the pairs' threshold calls most of them the same as another; at_scale raises
-    it until at most stranger_rate do, reports the share at the pairs' threshold, and never lowers it."""
-    params = dict(default["memorization"], reference_identities="ids.txt", stranger_rate=0.05)
+    """Look-alike strangers: the pairs' threshold calls all of them the same as another; at_scale raises
+    it to the lowest value at which at most stranger_rate do, reports the share at the pairs' threshold,
+    and judges the labelled pairs again at the new value."""
     ref = _strangers(200, 0.1)
     nn = identity.nearest(ref["embedding"], ref["embedding"], exclude_self=True)[0].numpy()
-    d = memorization.at_scale({"threshold": 0.5, "gain_ratio": 1.0}, ref, params)
+    same = np.array([True, True, True, False])
+    scores = (np.array([nn.max() + 1e-4, nn.min(), 0.7, 0.2]), same)  # one same pair above every stranger
+    d = memorization.at_scale(
+        {"threshold": 0.5, "gain_ratio": 1.0, "accuracy": 1.0},
+        ref,
+        _labelled(default, stranger_rate=0.05),
+        scores,
+    )
     assert d["pairs_threshold"] == 0.5 and d["strangers"] == 200 and d["gain_ratio"] == 1.0
     assert d["strangers_same_at_pairs_threshold"] == 1.0  # every look-alike is "the same" at 0.5
     # at most 5% of 200 strangers at or above it, and it is the lowest such threshold (nearest-other
     # similarities come in tied pairs: A's nearest is B and B's is A, so the count can stop at 9)
     t = d["threshold"]
     assert (nn >= t).sum() <= 10 < (nn >= np.nextafter(t, -np.inf)).sum()
+    # the pairs at the raised value: one of three same pairs above it, the different one below
+    assert d["same_pairs_called_same"] == pytest.approx(1 / 3) and d["accuracy"] == 0.5
+    assert d["pairs_accuracy"] == 1.0
     rule = memorization._derived_rule(d)["derived"]
     assert "calls 100.0% of the reference's 200 people the same" in rule and "at most 5%" in rule
+    assert "33% of the labelled same pairs are above it" in rule
+    # a rate below one person in 200: above every stranger's nearest other
+    none = memorization.at_scale({"threshold": 0.5}, ref, _labelled(default, stranger_rate=0.001))
+    assert none["threshold"] == np.nextafter(nn.max(), 2) and (nn >= none["threshold"]).sum() == 0
+    # a rate of 1: everyone may match, the pairs' threshold stands
+    assert (
+        memorization.at_scale({"threshold": 0.5}, ref, _labelled(default, stranger_rate=1.0))["threshold"]
+        == 0.5
+    )
     # strangers far apart: the pairs' threshold stands, with the share it calls the same reported
-    far = memorization.at_scale({"threshold": 0.9}, _strangers(200, 10.0), params)
+    far = memorization.at_scale(
+        {"threshold": 0.9}, _strangers(200, 10.0), _labelled(default, stranger_rate=0.05)
+    )
     assert far["threshold"] == 0.9 and far["strangers_same_at_pairs_threshold"] == 0.0
     assert (
         "(C4.5 split; at it 0.0% of the reference's 200 people match another"
@@ -86,16 +117,40 @@ def test_the_derived_threshold_rises_to_the_searchs_scale(default):
     )
 
 
-def test_no_identity_labels_no_rate_or_no_threshold_leave_the_derived_rule_alone(default):
+def test_only_a_labelled_one_per_person_reference_moves_the_derived_rule(default):
     ref, d = _strangers(50, 0.1), {"threshold": 0.5}
-    p = default["memorization"]
-    assert memorization.at_scale(d, ref, dict(p, reference_identities=None, stranger_rate=0.01)) == d
-    assert memorization.at_scale(d, ref, dict(p, reference_identities="ids.txt", stranger_rate=None)) == d
+    assert memorization.at_scale(d, ref, _labelled(default, stranger_rate=0.01))["threshold"] > 0.5
+    for off in (dict(reference_identities=None), dict(stranger_rate=None), dict(reference=None)):
+        # no identity file, the check off, or the stand-in's split (several images per person)
+        assert memorization.at_scale(d, ref, {**_labelled(default, stranger_rate=0.01), **off}) == d
     failed = {"threshold": None, "error": "x"}
-    assert memorization.at_scale(failed, ref, dict(p, reference_identities="ids.txt")) == failed
-    # people whose face was not found are no one's strangers
-    ref["face_found"][:48] = False
-    assert memorization.at_scale(d, ref, dict(p, reference_identities="ids.txt"))["strangers"] == 2
+    assert memorization.at_scale(failed, ref, _labelled(default)) == failed
+    assert memorization.at_scale(None, ref, _labelled(default)) is None
+    # people whose face was not found are no one's strangers: with the look-alikes unfound, the two
+    # found people are far apart and the pairs' threshold stands
+    mixed = {"embedding": ref["embedding"].clone(), "face_found": torch.zeros(50, dtype=torch.bool)}
+    mixed["embedding"][:2] = torch.tensor([[1.0] + [0.0] * 31, [0.0, 1.0] + [0.0] * 30])
+    mixed["face_found"][:2] = True
+    kept = memorization.at_scale(d, mixed, _labelled(default, stranger_rate=0.01))
+    assert kept["strangers"] == 2 and kept["threshold"] == 0.5
+    assert (
+        memorization.at_scale(d, {**mixed, "face_found": ~mixed["face_found"]}, _labelled(default))[
+            "threshold"
+        ]
+        > 0.5
+    )  # the same set with the look-alikes found
+
+
+def test_a_reference_of_copies_stops_the_audit_with_what_to_do(default):
+    ref = _strangers(50, 0.1)
+    ref["embedding"][10:20] = ref["embedding"][0]  # 11 copies of one person: more than 1% of 50
+    with pytest.raises(ValueError, match="identical other .* remove the copies, or raise stranger_rate"):
+        memorization.at_scale({"threshold": 0.5}, ref, _labelled(default, stranger_rate=0.01))
+    # within the rate, the copies are the ones allowed to match
+    assert (
+        memorization.at_scale({"threshold": 0.5}, ref, _labelled(default, stranger_rate=0.25))["threshold"]
+        < 1
+    )
 
 
 def _gain_ratio_brute(s, y, t):
@@ -250,6 +305,61 @@ def test_a_reference_identity_file_picks_one_image_per_identity(tmp_path, defaul
     assert len(rows) == 3 and "3 identities" in what
     with pytest.raises(FileNotFoundError, match="reference"):
         memorization.reference_set(dict(params, reference="nowhere"), tmp_path, tmp_path)
+
+
+class _ColourIdentity:
+    """An identity model whose 'person' is an image's mean colour (centred): look-alikes are near colours."""
+
+    name, own_rule = "colour", None
+
+    def embed(self, rgb):
+        return (rgb.reshape(-1, 3).mean(0) - 128) / 128, True
+
+
+def test_the_audit_removes_by_the_threshold_raised_to_its_references_scale(tmp_path, default):
+    """Twenty look-alike reference people (colours 3 apart) and a same pair 10 apart: the pairs' threshold
+    (0.9947) calls every reference person the same as another (nearest others 0.99955-0.99967), so the
+    audit raises it; then a copy of a reference person is still removed, a look-alike (0.99931) that the
+    pairs' threshold would remove no longer is, and refill reads the raised value."""
+    swatch = lambda c: Image.new("RGB", (16, 16), c)  # noqa: E731
+    (tmp_path / "celeba").mkdir()
+    ref = [(200, 100 + 3 * i, 50 + (i % 5)) for i in range(20)]
+    for i, c in enumerate(ref):
+        swatch(c).save(tmp_path / "celeba" / f"{i:06d}.png")
+    (tmp_path / "ids.txt").write_text("".join(f"{i:06d}.png {i}\n" for i in range(20)))
+    (tmp_path / "pairs").mkdir()
+    rows = []
+    for i, (a, b, same) in enumerate(
+        [((200, 100, 50), (200, 110, 60), 1), ((200, 100, 50), (40, 100, 220), 0)] * 3
+    ):
+        swatch(a).save(tmp_path / "pairs" / f"{i}a.png")
+        swatch(b).save(tmp_path / "pairs" / f"{i}b.png")
+        rows.append(f"{i}a.png,{i}b.png,{same}")
+    (tmp_path / "pairs" / "pairs.csv").write_text("path_a,path_b,same\n" + "\n".join(rows) + "\n")
+    copy, look_alike, far = ref[7], (200, 115, 58), (30, 200, 90)
+    prep, gen = _write_world(
+        tmp_path, [swatch((90, 90, 90))], [swatch(copy), swatch(look_alike), swatch(far)]
+    )
+    params = dict(
+        default["memorization"],
+        derive="pairs/pairs.csv",
+        removal_rule="derived",
+        reference="celeba",
+        reference_identities="ids.txt",
+        stranger_rate=0.05,
+        review_pairs=2,
+    )
+    out_dir = tmp_path / "outputs" / "memorization"
+    out = memorization.audit(params, prep, gen, out_dir, tmp_path, model=_ColourIdentity())
+    d = out["metrics"]["derived"]
+    assert d["strangers"] == 20 and d["strangers_same_at_pairs_threshold"] == 1.0
+    assert d["pairs_threshold"] == pytest.approx(0.99472, abs=1e-5) and d["threshold"] > 0.9995
+    assert d["same_pairs_called_same"] == 0.0  # the labelled same pairs are farther apart than strangers
+    nn = out["nearest"].set_index("row_id")
+    assert d["pairs_threshold"] <= nn.loc["x|1", "reference_similarity"] < d["threshold"]
+    assert sorted(pd.read_csv(out_dir / "removal.csv")["row_id"]) == ["x|0"]  # the copy only
+    assert "raised until at most 5% do" in out["report"]["rules"]["derived"]
+    assert refill.memorization_rule(tmp_path / "outputs", params, None) == ("derived", d["threshold"])
 
 
 def test_labelled_pairs_from_a_csv_are_checked(tmp_path, default):

@@ -327,9 +327,21 @@ def test_the_memorization_audit_is_recorded_and_shown(rehearsal, tmp_path):
     (tmp_path / "memorization" / "metrics.json").write_text(json.dumps(metrics))
     found = rehearsal.audit(tmp_path)
     assert found["derived_threshold"] == 0.9672 and found["generated"] == 13230
+    assert "pairs_threshold" not in found and "same_pairs_called_same" not in found  # not checked at scale
     assert found["reference"] == {**sets["reference"], "mean_nn_similarity": 0.932}
     assert found["finetune"]["same_derived"] == 228 and found["finetune"]["mean_nn_similarity"] == 0.886
     done = json.loads((ROOT / "benchmarks/rehearsal/10.json").read_text())
     stopped = {**done, "failed_stage": "release", "error": "BalanceError: 4 of 13230", "memorization": found}
     assert '"same_derived": 1400' in rehearsal.page([done], [stopped])
     assert "Memorization audit: " in rehearsal.page([{**done, "memorization": found}])
+    # a threshold raised to the reference's scale: the pairs' own and the share it called the same
+    scaled = {
+        "threshold": 0.99247,
+        "pairs_threshold": 0.967212,
+        "strangers_same_at_pairs_threshold": 0.39943,
+        "same_pairs_called_same": 0.41667,
+    }
+    (tmp_path / "memorization" / "metrics.json").write_text(json.dumps({**metrics, "derived": scaled}))
+    found = rehearsal.audit(tmp_path)
+    assert found["derived_threshold"] == 0.9925 and found["pairs_threshold"] == 0.9672
+    assert found["strangers_same_at_pairs_threshold"] == 0.399 and found["same_pairs_called_same"] == 0.417

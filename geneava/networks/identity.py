@@ -270,7 +270,7 @@ def nearest(
 
     A matrix product over blocks of queries *and* references, keeping a running best, so memory is
     block x block whatever the sizes (13,230 x 10,177 takes a fraction of a second). `exclude_self`:
-    the queries are the reference set itself, and each one's nearest *other* member is found."""
+    the queries are the reference set itself, and each one's nearest *other* member (by index) is found."""
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"unknown metric '{metric}'")
     if len(reference) < (2 if exclude_self else 1):
@@ -371,16 +371,20 @@ def cached_embeddings(model, name: str, rows: pd.DataFrame, cache_dir: Path) -> 
     )
 
 
-def derive_threshold(model, pairs: pd.DataFrame, cache_dir: Path) -> dict:
-    """The C4.5 split on the labelled pairs' cosine similarities (and distances, for the model's rule)."""
+def pair_similarities(model, pairs: pd.DataFrame, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled pairs' cosine similarities and their `same` labels (embeddings cached)."""
     files = sorted(set(pairs["path_a"]) | set(pairs["path_b"]))
     rows = pd.DataFrame({"path": files, "sha256": [sha256_file(Path(f)) for f in files]})
     emb = cached_embeddings(model, "pairs", rows, cache_dir)["embedding"].double()
     pos = {f: i for i, f in enumerate(files)}
     a = emb[[pos[f] for f in pairs["path_a"]]]
     b = emb[[pos[f] for f in pairs["path_b"]]]
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=1).numpy()
-    same = pairs["same"].to_numpy()
+    return torch.nn.functional.cosine_similarity(a, b, dim=1).numpy(), pairs["same"].to_numpy()
+
+
+def derive_threshold(model, pairs: pd.DataFrame, cache_dir: Path) -> dict:
+    """The C4.5 split on the labelled pairs' cosine similarities (and distances, for the model's rule)."""
+    cos, same = pair_similarities(model, pairs, cache_dir)
     out = {
         "pairs": len(pairs),
         "same_pairs": int(same.sum()),

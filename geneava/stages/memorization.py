@@ -101,10 +101,8 @@ def labelled_pairs(params: dict, root: Path, out_dir: Path) -> pd.DataFrame | No
 
 
 def removal_rule(params: dict, own: tuple | None) -> str:
-    rule = params["removal_rule"]
-    if rule == "auto":
-        rule = "model" if own is not None else "paper"
-    return rule
+    auto = "model" if own is not None else "paper"  # the model's own rule where it has one
+    return auto if params["removal_rule"] == "auto" else params["removal_rule"]
 
 
 def audit_sets(params: dict, prepare_dir: Path, generate_dir: Path, root: Path):
@@ -184,7 +182,8 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
     emb = {k: identity.cached_embeddings(model, k, rows, cache) for k, rows in sets.items()}
     pairs = labelled_pairs(params, root, out_dir)
     derived = identity.derive_threshold(model, pairs, cache) if pairs is not None else None
-    derived = at_scale(derived, emb["reference"], params)
+    scores = identity.pair_similarities(model, pairs, cache) if derived else None
+    derived = at_scale(derived, emb["reference"], params, scores)
     own = model.own_rule
     derived_t = derived["threshold"] if derived is not None else None
     nn, summary = nearest_neighbours(gen, emb_gen, sets, emb, params, own, derived_t)
@@ -203,27 +202,32 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
     return write_audit(out_dir, params, model, gen, found, ref_what, faces_not_found, root)
 
 
-def at_scale(derived: dict | None, ref: dict, params: dict) -> dict | None:
+def at_scale(derived: dict | None, ref: dict, params: dict, scores: tuple | None = None) -> dict | None:
     """The derived threshold checked at the scale of the search. The labelled pairs put it between one
     same and one different pair, but each generated face meets N people, and the nearest of N strangers is
-    far closer than one. With the reference's identities labelled (one image per person), each reference
-    person's nearest *other* person shows how often the threshold calls distinct people the same; it is
-    raised (never lowered) until at most `stranger_rate` of them are."""
+    far closer than one. With the reference's identities labelled (a CelebA-style folder, one image per
+    person), each one's nearest *other* person shows how often the threshold calls strangers the same; it
+    rises (never falls) until at most `stranger_rate` are. `scores`: the pairs, judged at the final value."""
     rate, found = params.get("stranger_rate"), ref["embedding"][ref["face_found"]]
-    labelled = rate is not None and params["reference_identities"] and len(found) > 1
+    labelled = rate is not None and params["reference"] and params["reference_identities"] and len(found) > 1
     if not labelled or not derived or derived.get("threshold") is None:
         return derived
     sim = identity.nearest(found, found, "cosine", params["block"], exclude_self=True)[0].numpy()
-    allowed = int(np.floor(rate * len(sim)))  # reference people that may match another one
-    above = float(np.nextafter(np.sort(sim)[::-1][allowed], np.inf)) if allowed < len(sim) else -1.0
-    pairs_t = derived["threshold"]
-    return derived | {
-        "pairs_threshold": pairs_t,
-        "strangers": len(sim),
-        "strangers_same_at_pairs_threshold": float((sim >= pairs_t).mean()),
-        "stranger_rate": rate,
-        "threshold": max(pairs_t, above),
-    }
+    allowed = int(np.floor(rate * len(sim) + 1e-9))  # reference people that may match another one
+    top, n = np.sort(sim)[::-1], len(sim)
+    if allowed < n and top[allowed] >= 1 - 1e-9:
+        raise ValueError(
+            f"{np.sum(top >= 1 - 1e-9)} of the reference's {n} people have an identical other (copies?), "
+            f"more than stranger_rate {rate:g}: remove the copies, or raise stranger_rate (null: off)"
+        )
+    t = max(pt := derived["threshold"], float(np.nextafter(top[allowed], 2)) if allowed < n else -1.0)
+    out = derived | {"pairs_threshold": pt, "strangers": n, "stranger_rate": rate, "threshold": t}
+    out["strangers_same_at_pairs_threshold"] = float((sim >= pt).mean())
+    if scores is not None:  # the labelled pairs at the value in use (pairs_accuracy: at the split)
+        cos, same = scores
+        out |= {"pairs_accuracy": derived["accuracy"], "accuracy": float(((cos >= t) == same).mean())}
+        out["same_pairs_called_same"] = float((cos[same] >= t).mean())
+    return out
 
 
 def write_audit(out_dir, params, model, gen, found, ref_what, faces_not_found, root) -> dict:
@@ -278,6 +282,8 @@ def _derived_rule(derived: dict | None) -> dict:
         how = f"C4.5 split; at it {share} match another of them"
         if t != pt:
             how = f"the C4.5 split {pt:.4f} calls {share} the same as another; raised until at most {rate} do"
+        if "same_pairs_called_same" in derived:
+            how += f"; {100 * derived['same_pairs_called_same']:.0f}% of the labelled same pairs are above it"
     return {"derived": f"cosine similarity >= {t:.4f} ({how})"}
 
 
@@ -395,10 +401,7 @@ def plot_histograms(nn: pd.DataFrame, metrics: dict, save_to: Path | None = None
     for (label, x), style in zip(marks.items(), ("--", ":", "-."), strict=False):
         ax.axvline(x, color="k", linestyle=style, label=label)
     ax.legend(fontsize=7)
-    ax.set(
-        title=f"Nearest-neighbour identity similarity ({metrics['identity_model']})",
-        xlabel="cosine similarity",
-    )
+    ax.set(title=f"Nearest-neighbour identity similarity ({metrics['identity_model']})", xlabel="cosine")
     fig.tight_layout()
     if save_to:
         fig.savefig(save_to, dpi=120)
