@@ -444,6 +444,21 @@ def comparable(a: dict, b: dict, root: Path = ROOT) -> str | None:
     return None
 
 
+def growth_verdict(runs: list[dict]) -> list[str]:
+    """One line under the stage table: the stages whose time grew faster than the work between the
+    smallest and the largest run (what a quadratic step would show), or the largest growth if none did."""
+    if len(runs) < 2 or comparable(runs[0], runs[-1]) is not None:
+        return []
+    a, b = runs[0], runs[-1]
+    work = b["fraction"] / a["fraction"]
+    growth = {s: b["stages"][s]["seconds"] / max(a["stages"][s]["seconds"], 1e-9) for s in STAGES}
+    faster = [f"{s} (x{g:.1f})" for s, g in growth.items() if g > work]
+    if faster:
+        return ["", f"Grew faster than the work (x{work:.0f}): {', '.join(faster)}."]
+    top = max(growth, key=growth.get)
+    return ["", f"No stage grew faster than the work (x{work:.0f}); the most, {top}: x{growth[top]:.1f}."]
+
+
 def page(
     runs: list[dict], failed: list[dict] | None = None, drift: list[dict] | None = None, detector=None
 ) -> str:
@@ -512,6 +527,7 @@ def page(
             ratio = b["stages"][stage]["seconds"] / max(a["stages"][stage]["seconds"], 1e-9)
             cells.append(f"x{ratio:.1f} for x{b['fraction'] / a['fraction']:.0f} the work")
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines += growth_verdict(runs)
     lines += ["", "QC, refill and the memorization audit:", ""]
     for r in runs:
         g = r["counts"]["generate"]

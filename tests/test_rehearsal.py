@@ -132,9 +132,18 @@ def test_growth_is_shown_only_between_runs_of_the_same_code_and_steps(rehearsal,
     big["fraction"], big["stages"]["finetune"]["seconds"] = 1.0, 700.0
     assert "| finetune | 50 (" in rehearsal.page([big, small])
     assert "x14.0 for x10 the work |" in rehearsal.page([big, small])
+    assert "Grew faster than the work (x10): finetune (x14.0)." in rehearsal.page([big, small])
+    big["stages"]["finetune"]["seconds"] = 450.0
+    assert "Grew faster" not in rehearsal.page([big, small])
+    verdict = rehearsal.growth_verdict([small, big])[1]
+    top = max(rehearsal.STAGES, key=lambda s: big["stages"][s]["seconds"] / small["stages"][s]["seconds"])
+    assert verdict.startswith("No stage grew faster than the work (x10); the most, ") and top in verdict
+    big["stages"]["finetune"]["seconds"] = 700.0
     big["overrides"]["generate.default.steps"] += 1
     assert "the runs used different steps" in rehearsal.page([small, big])
-    assert "x14.0" not in rehearsal.page([small, big])
+    assert "x14.0" not in rehearsal.page([small, big]) and "faster than the work" not in rehearsal.page(
+        [small, big]
+    )
     big["overrides"]["generate.default.steps"] -= 1
     big["commit"] = "0000000"  # a commit git does not know
     assert "different code or world" in rehearsal.page([small, big])
