@@ -446,17 +446,34 @@ def comparable(a: dict, b: dict, root: Path = ROOT) -> str | None:
 
 def growth_verdict(runs: list[dict]) -> list[str]:
     """One line under the stage table: the stages whose time grew faster than the work between the
-    smallest and the largest run (what a quadratic step would show), or the largest growth if none did."""
+    smallest and the largest run (what a quadratic step would show), or the largest growth if none did.
+    A stage under a second in the small run has no ratio worth reading; it is left out and named."""
+    runs = sorted(runs, key=lambda r: r["fraction"])
     if len(runs) < 2 or comparable(runs[0], runs[-1]) is not None:
         return []
     a, b = runs[0], runs[-1]
-    work = b["fraction"] / a["fraction"]
-    growth = {s: b["stages"][s]["seconds"] / max(a["stages"][s]["seconds"], 1e-9) for s in STAGES}
+    if (work := b["fraction"] / a["fraction"]) <= 1:
+        return []
+    short = [s for s in STAGES if a["stages"][s]["seconds"] < 1]
+    growth = {s: b["stages"][s]["seconds"] / a["stages"][s]["seconds"] for s in STAGES if s not in short}
+    if not growth:
+        return []
     faster = [f"{s} (x{g:.1f})" for s, g in growth.items() if g > work]
-    if faster:
-        return ["", f"Grew faster than the work (x{work:.0f}): {', '.join(faster)}."]
     top = max(growth, key=growth.get)
-    return ["", f"No stage grew faster than the work (x{work:.0f}); the most, {top}: x{growth[top]:.1f}."]
+    line = (
+        f"Grew faster than the work (x{work:.0f}): {', '.join(faster)}."
+        if faster
+        else (f"No stage grew faster than the work (x{work:.0f}); the most, {top}: x{growth[top]:.1f}.")
+    )
+    return [
+        "",
+        line
+        + (
+            f" Under a second at {round(100 * a['fraction'])}%, not compared: {', '.join(short)}."
+            if short
+            else ""
+        ),
+    ]
 
 
 def page(
@@ -524,8 +541,11 @@ def page(
                 cells.append(comparable(a, b))
                 lines.append(f"| {stage} | " + " | ".join(cells) + " |")
                 continue
-            ratio = b["stages"][stage]["seconds"] / max(a["stages"][stage]["seconds"], 1e-9)
-            cells.append(f"x{ratio:.1f} for x{b['fraction'] / a['fraction']:.0f} the work")
+            if a["stages"][stage]["seconds"] < 1:  # no ratio worth reading (growth_verdict)
+                cells.append(f"under 1 s at {round(100 * a['fraction'])}%")
+            else:
+                ratio = b["stages"][stage]["seconds"] / a["stages"][stage]["seconds"]
+                cells.append(f"x{ratio:.1f} for x{b['fraction'] / a['fraction']:.0f} the work")
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines += growth_verdict(runs)
     lines += ["", "QC, refill and the memorization audit:", ""]

@@ -98,6 +98,19 @@ def test_the_derived_threshold_rises_to_the_searchs_scale(default):
     rule = memorization._derived_rule(d)["derived"]
     assert "calls 100.0% of the reference's 200 people the same" in rule and "at most 5%" in rule
     assert "33% of the labelled same pairs are above it" in rule
+    # 0.29 x 100 is 28.999999999999996 in floats: 29 people may match, not 28
+    for seed in range(50):  # a set where the 29th and 30th closest differ (mutual nearest pairs tie)
+        hundred = _strangers(100, 0.1, seed=seed)
+        found = identity.nearest(hundred["embedding"], hundred["embedding"], exclude_self=True)[0]
+        nn100 = np.sort(found.numpy())
+        if nn100[::-1][28] != nn100[::-1][29]:
+            break
+    else:
+        pytest.fail("no seed gives distinct 29th and 30th nearest-other similarities")
+    t29 = memorization.at_scale({"threshold": 0.5}, hundred, _labelled(default, stranger_rate=0.29))[
+        "threshold"
+    ]
+    assert t29 == np.nextafter(nn100[::-1][29], 2)
     # a rate below one person in 200: above every stranger's nearest other
     none = memorization.at_scale({"threshold": 0.5}, ref, _labelled(default, stranger_rate=0.001))
     assert none["threshold"] == np.nextafter(nn.max(), 2) and (nn >= none["threshold"]).sum() == 0
@@ -126,6 +139,9 @@ def test_only_a_labelled_one_per_person_reference_moves_the_derived_rule(default
     failed = {"threshold": None, "error": "x"}
     assert memorization.at_scale(failed, ref, _labelled(default)) == failed
     assert memorization.at_scale(None, ref, _labelled(default)) is None
+    one = {**ref, "face_found": torch.zeros(50, dtype=torch.bool)}
+    one["face_found"][0] = True
+    assert memorization.at_scale(d, one, _labelled(default)) == d  # one person found: no stranger to meet
     # people whose face was not found are no one's strangers: with the look-alikes unfound, the two
     # found people are far apart and the pairs' threshold stands
     mixed = {"embedding": ref["embedding"].clone(), "face_found": torch.zeros(50, dtype=torch.bool)}
@@ -146,11 +162,13 @@ def test_a_reference_of_copies_stops_the_audit_with_what_to_do(default):
     ref["embedding"][10:20] = ref["embedding"][0]  # 11 copies of one person: more than 1% of 50
     with pytest.raises(ValueError, match="identical other .* remove the copies, or raise stranger_rate"):
         memorization.at_scale({"threshold": 0.5}, ref, _labelled(default, stranger_rate=0.01))
-    # within the rate, the copies are the ones allowed to match
-    assert (
-        memorization.at_scale({"threshold": 0.5}, ref, _labelled(default, stranger_rate=0.25))["threshold"]
-        < 1
-    )
+    nn = identity.nearest(ref["embedding"], ref["embedding"], exclude_self=True)[0].numpy()
+    assert (nn >= 1 - 1e-9).sum() == 11
+    with pytest.raises(ValueError, match="11 of the reference's 50 people"):  # 10 allowed at 20%
+        memorization.at_scale({"threshold": 0.5}, ref, _labelled(default, stranger_rate=0.2))
+    # 22% of 50 is 11 exactly: the copies are the ones allowed to match, and stay above the threshold
+    t = memorization.at_scale({"threshold": 0.5}, ref, _labelled(default, stranger_rate=0.22))["threshold"]
+    assert 0.5 < t == np.nextafter(np.sort(nn)[::-1][11], 2) and (nn >= t).sum() == 11
 
 
 def _gain_ratio_brute(s, y, t):
@@ -353,8 +371,12 @@ def test_the_audit_removes_by_the_threshold_raised_to_its_references_scale(tmp_p
     out = memorization.audit(params, prep, gen, out_dir, tmp_path, model=_ColourIdentity())
     d = out["metrics"]["derived"]
     assert d["strangers"] == 20 and d["strangers_same_at_pairs_threshold"] == 1.0
-    assert d["pairs_threshold"] == pytest.approx(0.99472, abs=1e-5) and d["threshold"] > 0.9995
+    # one of 20 may match: people 0 and 1 are each other's nearest (0.9996667), so neither does
+    assert d["pairs_threshold"] == pytest.approx(0.99472, abs=1e-5)
+    assert d["threshold"] == pytest.approx(0.9996667, abs=1e-6)
     assert d["same_pairs_called_same"] == 0.0  # the labelled same pairs are farther apart than strangers
+    assert d["accuracy"] == 0.5 and d["pairs_accuracy"] == 1.0  # the 3 same pairs now called different
+    assert "0% of the labelled same pairs are above it" in out["report"]["rules"]["derived"]
     nn = out["nearest"].set_index("row_id")
     assert d["pairs_threshold"] <= nn.loc["x|1", "reference_similarity"] < d["threshold"]
     assert sorted(pd.read_csv(out_dir / "removal.csv")["row_id"]) == ["x|0"]  # the copy only

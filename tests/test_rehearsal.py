@@ -133,11 +133,26 @@ def test_growth_is_shown_only_between_runs_of_the_same_code_and_steps(rehearsal,
     assert "| finetune | 50 (" in rehearsal.page([big, small])
     assert "x14.0 for x10 the work |" in rehearsal.page([big, small])
     assert "Grew faster than the work (x10): finetune (x14.0)." in rehearsal.page([big, small])
+    assert rehearsal.growth_verdict([big, small]) == rehearsal.growth_verdict([small, big])  # sorted inside
     big["stages"]["finetune"]["seconds"] = 450.0
     assert "Grew faster" not in rehearsal.page([big, small])
-    verdict = rehearsal.growth_verdict([small, big])[1]
-    top = max(rehearsal.STAGES, key=lambda s: big["stages"][s]["seconds"] / small["stages"][s]["seconds"])
-    assert verdict.startswith("No stage grew faster than the work (x10); the most, ") and top in verdict
+    # every other stage took the same time in both runs (a copy): x1.0; finetune x9.0 is the most
+    assert (
+        rehearsal.growth_verdict([small, big])[1]
+        == "No stage grew faster than the work (x10); the most, finetune: x9.0."
+    )
+    big["stages"]["finetune"]["seconds"] = 500.0  # exactly x10 for x10: as fast as the work, not faster
+    assert "Grew faster" not in rehearsal.page([big, small])
+    # a stage under a second in the small run: no ratio, said so, and not a "faster" stage
+    small["stages"]["userstudy"]["seconds"], big["stages"]["userstudy"]["seconds"] = 0.0, 3.0
+    assert "| userstudy | 0 (" in rehearsal.page([small, big]) and "under 1 s at 10% |" in rehearsal.page(
+        [small, big]
+    )
+    assert rehearsal.growth_verdict([small, big])[1].endswith(
+        "Under a second at 10%, not compared: userstudy."
+    )
+    assert rehearsal.growth_verdict([small, {**small}]) == []  # the same fraction: no growth to read
+    small["stages"]["userstudy"]["seconds"] = big["stages"]["userstudy"]["seconds"] = 3.0
     big["stages"]["finetune"]["seconds"] = 700.0
     big["overrides"]["generate.default.steps"] += 1
     assert "the runs used different steps" in rehearsal.page([small, big])
