@@ -66,6 +66,9 @@ def _raw():
         (("prompts", "default", "negative"), None, "prompts.default.negative"),
         (("world", "default", "base_steps"), 0, "world.default.base_steps"),
         (("ablation", "paper", "alpha"), -1, "ablation.paper.alpha"),
+        (("memorization", "default", "stranger_rate"), 2, "memorization.default.stranger_rate"),
+        (("memorization", "paper", "stranger_rate"), -0.01, "memorization.paper.stranger_rate"),
+        (("memorization", "default", "stranger_rate"), "abc", "memorization.default.stranger_rate"),
     ],
 )
 def test_bad_value_names_its_key(path, value, key):

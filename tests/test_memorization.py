@@ -97,7 +97,7 @@ def test_the_derived_threshold_rises_to_the_searchs_scale(default):
     assert d["pairs_accuracy"] == 1.0
     rule = memorization._derived_rule(d)["derived"]
     assert "calls 100.0% of the reference's 200 people the same" in rule and "at most 5%" in rule
-    assert "33% of the labelled same pairs are above it" in rule
+    assert "33% of the labelled same pairs reach it" in rule
     # 0.29 x 100 is 28.999999999999996 in floats: 29 people may match, not 28
     for seed in range(50):  # a set where the 29th and 30th closest differ (mutual nearest pairs tie)
         hundred = _strangers(100, 0.1, seed=seed)
@@ -114,6 +114,8 @@ def test_the_derived_threshold_rises_to_the_searchs_scale(default):
     # a rate below one person in 200: above every stranger's nearest other
     none = memorization.at_scale({"threshold": 0.5}, ref, _labelled(default, stranger_rate=0.001))
     assert none["threshold"] == np.nextafter(nn.max(), 2) and (nn >= none["threshold"]).sum() == 0
+    zero = memorization.at_scale({"threshold": 0.5}, ref, _labelled(default, stranger_rate=0.0))
+    assert zero["threshold"] == none["threshold"]  # 0: no reference person may match another
     # a rate of 1: everyone may match, the pairs' threshold stands
     assert (
         memorization.at_scale({"threshold": 0.5}, ref, _labelled(default, stranger_rate=1.0))["threshold"]
@@ -376,7 +378,7 @@ def test_the_audit_removes_by_the_threshold_raised_to_its_references_scale(tmp_p
     assert d["threshold"] == pytest.approx(0.9996667, abs=1e-6)
     assert d["same_pairs_called_same"] == 0.0  # the labelled same pairs are farther apart than strangers
     assert d["accuracy"] == 0.5 and d["pairs_accuracy"] == 1.0  # the 3 same pairs now called different
-    assert "0% of the labelled same pairs are above it" in out["report"]["rules"]["derived"]
+    assert "0% of the labelled same pairs reach it" in out["report"]["rules"]["derived"]
     nn = out["nearest"].set_index("row_id")
     assert d["pairs_threshold"] <= nn.loc["x|1", "reference_similarity"] < d["threshold"]
     assert sorted(pd.read_csv(out_dir / "removal.csv")["row_id"]) == ["x|0"]  # the copy only

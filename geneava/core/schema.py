@@ -279,8 +279,8 @@ SCHEMA: dict[str, dict[str, Callable]] = {
         "threshold": number(0.0, 1.0),  # the paper's 0.68
         "derive": text(),  # labelled pairs (CSV: path_a, path_b, same) for the C4.5 threshold, or none
         # with reference_identities: the derived threshold is raised until at most this share of the
-        # reference's distinct people are called the same as another of them (null: never raised)
-        "stranger_rate": number(0.0, 1.0, lo_open=True, optional=True),
+        # reference's distinct people are called the same as another of them (0: none; null: never raised)
+        "stranger_rate": number(0.0, 1.0, optional=True),
         "removal_rule": text(("auto", "paper", "deepface", "model", "derived")),
         "review_pairs": integer(1),  # closest pairs per set for people to judge (paper: 50)
         "block": integer(1),  # nearest-neighbour search block size

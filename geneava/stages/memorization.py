@@ -283,7 +283,7 @@ def _derived_rule(derived: dict | None) -> dict:
         if t != pt:
             how = f"the C4.5 split {pt:.4f} calls {share} the same as another; raised until at most {rate} do"
         if "same_pairs_called_same" in derived:
-            how += f"; {100 * derived['same_pairs_called_same']:.0f}% of the labelled same pairs are above it"
+            how += f"; {100 * derived['same_pairs_called_same']:.0f}% of the labelled same pairs reach it"
     return {"derived": f"cosine similarity >= {t:.4f} ({how})"}
 
 
