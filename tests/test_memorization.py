@@ -360,14 +360,8 @@ def test_the_audit_removes_by_the_threshold_raised_to_its_references_scale(tmp_p
     prep, gen = _write_world(
         tmp_path, [swatch((90, 90, 90))], [swatch(copy), swatch(look_alike), swatch(far)]
     )
-    params = dict(
-        default["memorization"],
-        derive="pairs/pairs.csv",
-        removal_rule="derived",
-        reference="celeba",
-        reference_identities="ids.txt",
-        stranger_rate=0.05,
-        review_pairs=2,
+    params = _labelled(
+        default, derive="pairs/pairs.csv", removal_rule="derived", stranger_rate=0.05, review_pairs=2
     )
     out_dir = tmp_path / "outputs" / "memorization"
     out = memorization.audit(params, prep, gen, out_dir, tmp_path, model=_ColourIdentity())

@@ -384,9 +384,13 @@ def pair_similarities(model, pairs: pd.DataFrame, cache_dir: Path) -> tuple[np.n
 
 def derive_threshold(model, pairs: pd.DataFrame, cache_dir: Path) -> dict:
     """The C4.5 split on the labelled pairs' cosine similarities (and distances, for the model's rule)."""
-    cos, same = pair_similarities(model, pairs, cache_dir)
+    return threshold_of(*pair_similarities(model, pairs, cache_dir))
+
+
+def threshold_of(cos: np.ndarray, same: np.ndarray) -> dict:
+    """derive_threshold from the pairs' similarities and labels (pair_similarities)."""
     out = {
-        "pairs": len(pairs),
+        "pairs": len(same),
         "same_pairs": int(same.sum()),
         "mean_similarity_same": float(cos[same].mean()),
         "mean_similarity_different": float(cos[~same].mean()),

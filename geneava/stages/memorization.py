@@ -181,9 +181,8 @@ def audit(params: dict, prepare_dir: Path, generate_dir: Path, out_dir: Path, ro
     emb_gen = identity.cached_embeddings(model, "generated", gen, cache)
     emb = {k: identity.cached_embeddings(model, k, rows, cache) for k, rows in sets.items()}
     pairs = labelled_pairs(params, root, out_dir)
-    derived = identity.derive_threshold(model, pairs, cache) if pairs is not None else None
-    scores = identity.pair_similarities(model, pairs, cache) if derived else None
-    derived = at_scale(derived, emb["reference"], params, scores)
+    scores = identity.pair_similarities(model, pairs, cache) if pairs is not None else None
+    derived = at_scale(identity.threshold_of(*scores) if scores else None, emb["reference"], params, scores)
     own = model.own_rule
     derived_t = derived["threshold"] if derived is not None else None
     nn, summary = nearest_neighbours(gen, emb_gen, sets, emb, params, own, derived_t)
